@@ -1,0 +1,42 @@
+"""Loading of the optional native extension and the choice between fused and reference kernels."""
+import os
+
+import torch
+
+try:
+    from dat import _C  # noqa: F401  - importing registers the dat:: ops with the dispatcher
+    NATIVE_IMPORT_ERROR = None
+except ImportError as error:  # the extension is optional: the reference ops always work
+    NATIVE_IMPORT_ERROR = error
+
+IMPLS = ('auto', 'fused', 'reference')
+IMPL_ENV = 'DAT_ATTN_IMPL'
+
+
+def native_op_available(op_name: str, device_type: str) -> bool:
+    """True when `torch.ops.dat.<op_name>` has a kernel for `device_type` ('cpu' or 'cuda')."""
+    if NATIVE_IMPORT_ERROR is not None or not hasattr(torch.ops.dat, op_name):
+        return False
+    dispatch_key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
+    if dispatch_key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f'dat::{op_name}', dispatch_key)
+
+
+def resolve_impl(impl, op_name: str, device_type: str) -> str:
+    """Return 'fused' or 'reference' for a call.
+
+    `impl` (a model kwarg or a call argument) wins over the `DAT_ATTN_IMPL` environment variable;
+    'auto' takes the fused op when it is built for the device. Asking for 'fused' where it is not
+    built is an error rather than a silent fallback, so benchmarks and tests measure what they name.
+    """
+    choice = (impl or os.environ.get(IMPL_ENV) or 'auto').lower()
+    if choice not in IMPLS:
+        raise ValueError(f'attention impl must be one of {IMPLS}, got {choice!r} (from argument or ${IMPL_ENV})')
+    available = native_op_available(op_name, device_type)
+    if choice == 'fused' and not available:
+        reason = NATIVE_IMPORT_ERROR or f'dat::{op_name} has no {device_type} kernel in this build'
+        raise RuntimeError(f'fused dat::{op_name} requested but not available: {reason}')
+    if choice == 'auto':
+        return 'fused' if available else 'reference'
+    return choice
