@@ -1,0 +1,174 @@
+"""Reading official DAT / DAT++ checkpoints safely and converting them to this package's layout.
+
+The official files are `torch.save({'model': state_dict, ...})` pickles. They are read with
+`weights_only=True`; any extra non-tensor object in them (a training config, say) is replaced by an inert
+placeholder instead of being unpickled, so loading never executes code from the file.
+"""
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+
+# buffers of the official modules that this package rebuilds for the actual input size
+REBUILT_BUFFERS = ('relative_position_index', 'attn_mask')
+# position tables: trained at one size, resampled (bicubic, as the official loader does) to another
+RESIZABLE_TABLES = ('rpe_table', 'relative_position_bias_table')
+OFFICIAL_MARKERS = ('patch_proj.', 'down_projs.', 'cls_head.', 'cls_norm.')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
+
+
+class _InertObject(dict):
+    """Stands in for any non-tensor object in a checkpoint; holds nothing and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        pass
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')
+
+
+def load_checkpoint_file(path: Union[str, Path]) -> dict:
+    """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file into a dict, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types for bad headers and short files
+            raise CheckpointError(f'{path} is not a readable safetensors file: {error}') from error
+    stand_ins = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as error:
+            match = _UNSUPPORTED_GLOBAL.search(str(error))
+            if match is None or len(stand_ins) >= 32:
+                raise CheckpointError(f'{path} is not a loadable checkpoint: {error}') from error
+            stand_ins.append((_InertObject, match.group(1)))
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+            raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {error}') from error
+
+
+def unwrap_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    """The state dict inside `{'model': ...}` / `{'state_dict': ...}` or a bare one, without `module.`/`backbone.`
+    prefixes (DataParallel, detection and segmentation checkpoints)."""
+    for key in ('model', 'state_dict', 'model_state'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in ('module.', 'backbone.'):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state_dict[key] = value
+    if not state_dict:
+        raise CheckpointError('the checkpoint holds no tensors (expected a state dict or {"model": state_dict})')
+    return state_dict
+
+
+_BLOCK_RULES = [
+    (re.compile(r'layer_norms\.(\d+)\.norm\.(.+)'), lambda n, rest: f'blocks.{int(n) // 2}.norm{int(n) % 2 + 1}.{rest}'),
+    (re.compile(r'layer_scales\.(\d+)\.weight'), lambda n: f'blocks.{int(n) // 2}.ls{int(n) % 2 + 1}.gamma'),
+    (re.compile(r'mlps\.(\d+)\.chunk\.linear([12])\.(.+)'), lambda d, i, rest: f'blocks.{d}.mlp.fc{i}.{rest}'),
+    (re.compile(r'mlps\.(\d+)\.linear([12])\.0\.(.+)'), lambda d, i, rest: f'blocks.{d}.mlp.fc{i}.{rest}'),
+    (re.compile(r'mlps\.(\d+)\.dwc\.(.+)'), lambda d, rest: f'blocks.{d}.mlp.dwconv.{rest}'),
+    (re.compile(r'local_perception_units\.(\d+)\.(.+)'), lambda d, rest: f'blocks.{d}.lpu.{rest}'),
+    (re.compile(r'attns\.(\d+)\.conv_offset\.1\.norm\.(.+)'), lambda d, rest: f'blocks.{d}.attn.conv_offset.1.{rest}'),
+    (re.compile(r'attns\.(\d+)\.(.+)'), lambda d, rest: f'blocks.{d}.attn.{rest}'),
+    (re.compile(r'proj\.(.+)'), lambda rest: f'downsample.{rest}'),
+]
+
+
+def _official_key(key: str, conv_stem: bool) -> str:
+    """This package's name for an official key, or '' when there is none."""
+    match = re.fullmatch(r'patch_proj\.(\d)\.(?:norm\.)?(.+)', key)
+    if match:
+        index, rest = match.groups()
+        names = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'} if conv_stem else {'0': 'conv', '1': 'norm'}
+        return f'stem.{names[index]}.{rest}' if index in names else ''
+    match = re.fullmatch(r'down_projs\.(\d+)\.([01])\.(?:norm\.)?(.+)', key)
+    if match:
+        stage, index, rest = match.groups()
+        return f'stages.{int(stage) + 1}.downsample.{"conv" if index == "0" else "norm"}.{rest}'
+    match = re.fullmatch(r'cls_norm\.norm\.(.+)', key)
+    if match:
+        return f'norm.{match.group(1)}'
+    match = re.fullmatch(r'cls_head\.(.+)', key)
+    if match:
+        return f'head.fc.{match.group(1)}'
+    match = re.fullmatch(r'stages\.(\d+)\.(.+)', key)
+    if match:
+        stage, rest = match.groups()
+        for pattern, rename in _BLOCK_RULES:
+            found = pattern.fullmatch(rest)
+            if found:
+                return f'stages.{stage}.{rename(*found.groups())}'
+    return ''
+
+
+def _resize_table(table: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
+    if key.endswith('rpe_table'):  # (heads, Th, Tw)
+        return F.interpolate(table[None].float(), size=tuple(shape[1:]), mode='bicubic')[0].to(table.dtype)
+    side, target = int(round(table.shape[0] ** 0.5)), int(round(shape[0] ** 0.5))  # ((2w-1)^2, heads)
+    grid = table.float().T.reshape(1, -1, side, side)
+    return F.interpolate(grid, size=(target, target), mode='bicubic')[0].reshape(-1, target * target).T.to(table.dtype)
+
+
+def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert an official DAT/DAT++ checkpoint (or one already in this layout) for `model`.
+
+    Every official tensor must map to a model tensor of the same shape and every model tensor must be
+    filled, except: buffers the model rebuilds, position tables (resampled when the size differs) and the
+    classifier (whose size timm reconciles with `num_classes`). Anything else raises `CheckpointError`
+    naming the keys.
+    """
+    state_dict = unwrap_state_dict(checkpoint)
+    if any(key.startswith(OFFICIAL_MARKERS) for key in state_dict):
+        conv_stem = hasattr(model.stem, 'conv1')
+        converted, unmapped = {}, []
+        for key, value in state_dict.items():
+            if key.endswith(REBUILT_BUFFERS):
+                continue
+            new_key = _official_key(key, conv_stem)
+            if new_key:
+                converted[new_key] = value
+            else:
+                unmapped.append(key)
+        if unmapped:
+            raise CheckpointError(f'{len(unmapped)} official keys have no place in this model: {unmapped[:10]}')
+        state_dict = converted
+
+    expected = model.state_dict()
+    is_head = lambda key: key.startswith('head.')  # noqa: E731 - timm drops/reshapes the classifier itself
+    unexpected = [k for k in state_dict if k not in expected and not is_head(k)]
+    missing = [k for k in expected if k not in state_dict and not is_head(k)]
+    mismatched = []
+    for key, value in state_dict.items():
+        if key in expected and value.shape != expected[key].shape and not is_head(key):
+            if key.endswith(RESIZABLE_TABLES):
+                state_dict[key] = _resize_table(value, expected[key].shape, key)
+            else:
+                mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}')
+    if unexpected or missing or mismatched:
+        raise CheckpointError(
+            'checkpoint does not fit this architecture (is it for another variant?):'
+            + (f'\n  unexpected keys: {unexpected[:10]}' if unexpected else '')
+            + (f'\n  missing keys: {missing[:10]}' if missing else '')
+            + (f'\n  shape mismatches: {mismatched[:10]}' if mismatched else ''))
+    return state_dict

@@ -1,0 +1,4 @@
+from .deform_attn import DeformableAttention
+from .mlp import DwConvMlp, Mlp
+from .stem import ConvStem, Downsample, PatchStem
+from .window_attn import WindowAttention

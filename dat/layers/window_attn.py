@@ -1,0 +1,133 @@
+"""Window attention and shifted-window attention (the 'L' and 'S' blocks of DAT).
+
+Maps of any size work: the map is padded on the bottom/right to a multiple of the window, padded keys are
+masked out, and the output is cropped back. At sizes that need no padding the result equals the official
+module exactly (its shifted-window mask used -100 for cross-region pairs; so does this one).
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+MASKED = -100.0
+
+
+def relative_position_index(window_size: int, device=None) -> torch.Tensor:
+    """(w*w, w*w) index into a ((2w-1)^2, heads) bias table, Swin's layout."""
+    coords = torch.stack(torch.meshgrid(
+        [torch.arange(window_size, device=device), torch.arange(window_size, device=device)], indexing='ij')).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * windows, window_size**2, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    C = windows.shape[-1]
+    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows of `window_size`; `shift_size > 0` makes it the shifted variant.
+
+    Input and output are (B, C, H, W). DAT shifts by ceil(window / 2) (4 for window 7), not Swin's floor.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0, proj_drop: float = 0.,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by {num_heads} heads')
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f'shift {shift_size} must be in [0, window {window_size})')
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.proj_qkv = nn.Linear(dim, 3 * dim, **dd)
+        self.proj_out = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
+        self.register_buffer('relative_position_index', relative_position_index(window_size, device),
+                             persistent=False)
+        self._mask_cache: Dict[Tuple[int, int, str, str], Optional[torch.Tensor]] = {}
+        trunc_normal_(self.relative_position_bias_table, std=0.01)
+
+    def _apply(self, fn, recurse=True):
+        self._mask_cache.clear()  # masks follow the module's device and dtype
+        return super()._apply(fn, recurse)
+
+    @torch.jit.ignore
+    def attention_mask(self, height: int, width: int, dtype: torch.dtype, device: torch.device
+                       ) -> Optional[torch.Tensor]:
+        """(windows, w*w, w*w) additive mask for a (height, width) map, or None when nothing is masked."""
+        key = (height, width, str(dtype), str(device))
+        if key not in self._mask_cache:
+            if len(self._mask_cache) > 16:
+                self._mask_cache.clear()
+            self._mask_cache[key] = self._build_mask(height, width, dtype, device)
+        return self._mask_cache[key]
+
+    def _build_mask(self, height: int, width: int, dtype: torch.dtype, device: torch.device
+                    ) -> Optional[torch.Tensor]:
+        ws, shift = self.window_size, self.shift_size
+        padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+        if shift == 0 and padded_h == height and padded_w == width:
+            return None
+        region = torch.zeros(padded_h, padded_w, device=device)
+        if shift:
+            bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+            label = 0
+            for rows in bands:
+                for cols in bands:
+                    region[rows, cols] = label
+                    label += 1
+        # a padded position belongs to no region: it gets a label no real position has
+        padding = torch.ones(padded_h, padded_w, dtype=torch.bool, device=device)
+        padding[:height, :width] = False
+        if shift:
+            padding = torch.roll(padding, shifts=(-shift, -shift), dims=(0, 1))
+        region_windows = window_partition(region[None, :, :, None], ws).squeeze(-1)
+        padding_windows = window_partition(padding[None, :, :, None].float(), ws).squeeze(-1).bool()
+        mask = (region_windows[:, None, :] != region_windows[:, :, None]) | padding_windows[:, None, :]
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask, MASKED)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        ws, shift = self.window_size, self.shift_size
+        x = x.permute(0, 2, 3, 1)
+        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded_h, padded_w = H + pad_h, W + pad_w
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+
+        windows = window_partition(x, ws)
+        num_windows, tokens = windows.shape[0] // B, ws * ws
+        qkv = self.proj_qkv(windows).reshape(-1, tokens, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        mask = self.attention_mask(H, W, attn.dtype, attn.device)
+        if mask is not None:
+            attn = attn.view(B, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
+            attn = attn.view(-1, self.num_heads, tokens, tokens)
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, tokens, C)
+        out = self.proj_drop(self.proj_out(out))
+
+        x = window_reverse(out, ws, padded_h, padded_w)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :W].permute(0, 3, 1, 2)

@@ -1,0 +1,1 @@
+from .dat import MODEL_CONFIGS, DeformableAttentionTransformer

@@ -1,0 +1,415 @@
+"""DAT (Vision Transformer with Deformable Attention, CVPR 2022) and DAT++ (arXiv:2309.01430) for timm.
+
+One architecture class covers both generations; a variant is a dict of constructor arguments
+(`MODEL_CONFIGS`). Stage layouts are strings of block letters, as in the official configs:
+
+    L  window attention             S  shifted-window attention
+    D  deformable attention         N  neighborhood attention (DAT++)
+
+`generation` ('dat' or 'dat_pp') selects the official code generation's rules for sampling grids, offset
+ranges and position squashing (see `dat.layers.grids`). Every other difference between the two official
+code bases (conv stem, depth-wise-conv MLP, local perception units, layer scale, offset kernels and key
+strides) is an explicit argument.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._manipulate import checkpoint_seq
+
+from dat.layers.deform_attn import DeformableAttention
+from dat.layers.grids import GENERATIONS
+from dat.layers.mlp import DwConvMlp, Mlp
+from dat.layers.stem import ConvStem, Downsample, PatchStem
+from dat.layers.window_attn import WindowAttention
+from dat.checkpoint import checkpoint_filter_fn
+from dat.weights import manifest
+
+__all__ = ['DeformableAttentionTransformer', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE']
+
+BLOCK_TYPES = 'LSDN'
+MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
+
+# timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size
+for _module in (WindowAttention, DeformableAttention):
+    register_notrace_module(_module)
+
+
+@register_notrace_function
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Reject what the model cannot process, naming the problem, before it fails deep inside a layer."""
+    if x.dim() != 4:
+        raise ValueError('expected an image batch of shape (B, C, H, W), got a tensor of rank {}'.format(x.dim()))
+    if x.shape[1] != in_chans:
+        raise ValueError('expected {} input channels, got {} (input shape {})'.format(
+            in_chans, x.shape[1], list(x.shape)))
+    if not x.is_floating_point():
+        raise ValueError('expected a floating-point image tensor, got {}; convert integer images with '
+                         '.float() and normalise them first'.format(x.dtype))
+    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+        raise ValueError('input {}x{} is too small: DAT needs at least {}x{} pixels'.format(
+            x.shape[2], x.shape[3], MIN_INPUT_SIZE, MIN_INPUT_SIZE))
+
+
+def _per_stage(value, name: str, num_stages: int) -> tuple:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * num_stages
+    if len(values) != num_stages:
+        raise ValueError(f'{name} needs one value per stage ({num_stages}), got {values}')
+    return values
+
+
+class DatBlock(nn.Module):
+    """Pre-norm transformer block: [x + lpu(x)] -> x + attn(norm(x)) -> x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, dwconv_mlp: bool, local_perception: bool,
+                 layer_scale_init: Optional[float], drop_path: float, proj_drop: float, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd) if local_perception else None
+        self.norm1 = LayerNorm2d(dim, eps=1e-5, **dd)
+        self.attn = attn
+        self.ls1 = LayerScale2d(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = LayerNorm2d(dim, eps=1e-5, **dd)
+        mlp_layer = DwConvMlp if dwconv_mlp else Mlp
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.ls2 = LayerScale2d(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lpu is not None:
+            x = x + self.lpu(x)
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class DatStage(nn.Module):
+    """[downsample or channel projection] followed by blocks whose attention is given by `block_types`."""
+
+    def __init__(self, in_dim: int, dim: int, block_types: str, num_heads: int, downsample: Optional[str],
+                 make_attention, drop_paths: Sequence[float], block_kwargs: dict, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if downsample is not None:
+            self.downsample = Downsample(in_dim, dim, overlapping=downsample == 'conv', **dd)
+        elif in_dim != dim:
+            self.downsample = nn.Conv2d(in_dim, dim, 1, **dd)  # the official stage-input projection
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[
+            DatBlock(dim, make_attention(letter, dim, num_heads, dd), drop_path=drop_paths[i], **block_kwargs, **dd)
+            for i, letter in enumerate(block_types)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class DeformableAttentionTransformer(nn.Module):
+    """DAT / DAT++ image classifier and backbone (NCHW features at strides 4, 8, 16, 32).
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classes of the linear head (0: no classifier).
+        global_pool: 'avg', 'max', ... or '' (no pooling).
+        dims: channels of the four stages.
+        depths: blocks per stage; must equal the lengths of `block_types`.
+        block_types: per stage, a string of block letters (L, S, D, N; see the module docstring).
+        num_heads: attention heads per stage.
+        offset_groups: deformable-attention offset groups per stage.
+        window_size: window of L/S blocks (per stage or one value).
+        neighborhood_kernel: kernel of N blocks; neighborhood_dilation their dilation.
+        key_strides: stride of the key grid of D blocks relative to the stage's map.
+        offset_kernels: depth-wise kernel of the offset network of D blocks.
+        offset_range_factors: bound of offsets in key pixels; negative: unbounded (see DeformableAttention).
+        use_rpe: whether D blocks add the relative-position bias.
+        stem: 'patch' (4x4 patchify conv; DAT) or 'conv' (two 3x3 stride-2 convs; DAT++), which also makes the
+            between-stage downsampling overlapping 3x3 convs.
+        stem_dim: stem output channels (default dims[0]; a 1x1 projection follows when they differ).
+        dwconv_mlp: DAT++'s MLP with a residual depth-wise conv; local_perception: DAT++'s depth-wise conv
+            residual before each block; layer_scale_init: per-stage LayerScale init (None or 0: none).
+        mlp_ratio: MLP hidden width over dim.
+        generation: 'dat' or 'dat_pp', the official grid-normalisation rules.
+        img_size: training resolution; it fixes the size of the relative-position tables (2 * map - 1), not
+            the input size, which may be anything from 32x32 up.
+        attn_impl: attention kernels, 'auto' | 'fused' | 'reference' (None: $DAT_ATTN_IMPL, else auto).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            dims: Sequence[int] = (96, 192, 384, 768),
+            depths: Sequence[int] = (2, 2, 6, 2),
+            block_types: Sequence[str] = ('LS', 'LS', 'LDLDLD', 'LD'),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            offset_groups: Sequence[int] = (1, 1, 3, 6),
+            window_size: Union[int, Sequence[int]] = 7,
+            neighborhood_kernel: Union[int, Sequence[int]] = 7,
+            neighborhood_dilation: Union[int, Sequence[int]] = 1,
+            key_strides: Union[int, Sequence[int]] = 1,
+            offset_kernels: Sequence[int] = (9, 7, 5, 3),
+            offset_range_factors: Union[float, Sequence[float]] = (-1, -1, 2, 2),
+            use_rpe: Union[bool, Sequence[bool]] = True,
+            stem: str = 'patch',
+            stem_dim: Optional[int] = None,
+            dwconv_mlp: Union[bool, Sequence[bool]] = False,
+            local_perception: Union[bool, Sequence[bool]] = False,
+            layer_scale_init: Union[None, float, Sequence[Optional[float]]] = None,
+            mlp_ratio: float = 4.,
+            generation: str = 'dat',
+            img_size: Union[int, Tuple[int, int]] = 224,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            attn_impl: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(dims)
+        if generation not in GENERATIONS:
+            raise ValueError(f'generation must be one of {GENERATIONS}, got {generation!r}')
+        if stem not in ('patch', 'conv'):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        depths = _per_stage(depths, 'depths', num_stages)
+        block_types = _per_stage(block_types, 'block_types', num_stages)
+        for i, (letters, depth) in enumerate(zip(block_types, depths)):
+            unknown = set(letters) - set(BLOCK_TYPES)
+            if unknown or len(letters) != depth:
+                raise ValueError(f'stage {i}: block_types {letters!r} must be {depth} letters from {BLOCK_TYPES!r}')
+        num_heads = _per_stage(num_heads, 'num_heads', num_stages)
+        offset_groups = _per_stage(offset_groups, 'offset_groups', num_stages)
+        window_size = _per_stage(window_size, 'window_size', num_stages)
+        neighborhood_kernel = _per_stage(neighborhood_kernel, 'neighborhood_kernel', num_stages)
+        neighborhood_dilation = _per_stage(neighborhood_dilation, 'neighborhood_dilation', num_stages)
+        key_strides = _per_stage(key_strides, 'key_strides', num_stages)
+        offset_kernels = _per_stage(offset_kernels, 'offset_kernels', num_stages)
+        offset_range_factors = _per_stage(offset_range_factors, 'offset_range_factors', num_stages)
+        use_rpe = _per_stage(use_rpe, 'use_rpe', num_stages)
+        layer_scale_init = _per_stage(layer_scale_init, 'layer_scale_init', num_stages)
+        dwconv_mlp = _per_stage(dwconv_mlp, 'dwconv_mlp', num_stages)
+        local_perception = _per_stage(local_perception, 'local_perception', num_stages)
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else img_size
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.generation = generation
+        self.output_fmt = 'NCHW'
+        stem_dim = stem_dim or dims[0]
+        self.stem = PatchStem(in_chans, stem_dim, **dd) if stem == 'patch' else ConvStem(in_chans, stem_dim, **dd)
+
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, self.feature_info = [], []
+        in_dim, map_h, map_w = stem_dim, img_h // 4, img_w // 4
+        for i in range(num_stages):
+            def make_attention(letter, dim, heads, factory_kwargs, i=i, map_h=map_h, map_w=map_w):
+                if letter == 'L' or letter == 'S':
+                    shift = -(-window_size[i] // 2) if letter == 'S' else 0  # DAT shifts by ceil(window / 2)
+                    return WindowAttention(dim, heads, window_size[i], shift, proj_drop_rate, **factory_kwargs)
+                if letter == 'D':
+                    return DeformableAttention(
+                        dim, heads, offset_groups[i], (2 * map_h - 1, 2 * map_w - 1), use_rpe[i], key_strides[i],
+                        offset_kernels[i], offset_range_factors[i], generation, proj_drop_rate, attn_impl,
+                        **factory_kwargs)
+                from dat.layers.neighborhood_attn import NeighborhoodAttention
+                return NeighborhoodAttention(dim, heads, neighborhood_kernel[i], neighborhood_dilation[i],
+                                             proj_drop_rate, attn_impl, **factory_kwargs)
+
+            first = sum(depths[:i])
+            stages.append(DatStage(
+                in_dim, dims[i], block_types[i], num_heads[i], downsample=None if i == 0 else stem,
+                make_attention=make_attention, drop_paths=drop_paths[first:first + depths[i]],
+                block_kwargs=dict(mlp_ratio=mlp_ratio, dwconv_mlp=dwconv_mlp[i], local_perception=local_perception[i],
+                                  layer_scale_init=layer_scale_init[i], proj_drop=proj_drop_rate), **dd))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            in_dim, map_h, map_w = dims[i], map_h // 2, map_w // 2
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Relative-position tables, like Swin's: decaying them pulls the learned bias towards zero."""
+        return {name for name, _ in self.named_parameters()
+                if name.endswith(('relative_position_bias_table', 'rpe_table', 'rpb'))}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the selected stages (NCHW, strides 4/8/16/32) and, unless `intermediates_only`, the
+        final feature map. `indices`: the last n stages if an int, all if None, else the listed stages;
+        `norm` applies the final LayerNorm to the last stage's output; `stop_early` skips stages after the
+        last one requested."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"DAT features are NCHW; output_fmt {output_fmt!r} is not supported")
+        check_image_batch(x, self.in_chans)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        x = self.stem(x)
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_index else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_index:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of `indices` (and the norm / head on request)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            # the norm and head are sized for the last stage's features, which are gone
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.norm = nn.Identity()
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.num_classes = 0
+            self.head.reset(0, '' if prune_head else None, in_features=self.num_features)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, self.in_chans)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+DAT_SPEC = dict(key_strides=1, offset_kernels=(9, 7, 5, 3),
+                offset_range_factors=(-1, -1, 2, 2), use_rpe=(False, False, True, True), generation='dat')
+DAT_PP_SPEC = dict(block_types=('ND', 'NDND', 'ND' * 9, 'DD'), key_strides=(8, 4, 2, 1), offset_kernels=(9, 7, 5, 3),
+                   offset_range_factors=-1, use_rpe=True, stem='conv', dwconv_mlp=True, local_perception=True,
+                   neighborhood_kernel=7, generation='dat_pp')
+
+
+def _dat(depth3: int, **kwargs) -> dict:
+    return dict(DAT_SPEC, depths=(2, 2, depth3, 2), block_types=('LS', 'LS', 'LD' * (depth3 // 2), 'LD'), **kwargs)
+
+
+MODEL_CONFIGS: Dict[str, dict] = {
+    'dat_tiny': _dat(6, dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), offset_groups=(1, 1, 3, 6)),
+    'dat_small': _dat(18, dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), offset_groups=(1, 1, 3, 6)),
+    'dat_base': _dat(18, dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), offset_groups=(1, 1, 4, 8)),
+    'dat_base_384': _dat(18, dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), offset_groups=(1, 1, 4, 8),
+                         window_size=12, img_size=384),
+    'dat_pp_tiny': dict(DAT_PP_SPEC, depths=(2, 4, 18, 2), dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16),
+                        offset_groups=(1, 2, 4, 8)),
+    'dat_pp_small': dict(DAT_PP_SPEC, depths=(2, 4, 18, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24),
+                         offset_groups=(1, 2, 3, 6)),
+    'dat_pp_base': dict(DAT_PP_SPEC, depths=(2, 4, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                        offset_groups=(2, 4, 8, 16)),
+}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    model_args = dict(MODEL_CONFIGS[variant])
+    # a tag trained at another resolution (dat_pp_base.in1k_384) has position tables of that resolution
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'))
+    model_args.setdefault('img_size', tuple(cfg.input_size[-2:]))
+    return build_model_with_cfg(
+        DeformableAttentionTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **dict(model_args, **kwargs),
+    )
+
+
+def _cfg(tag: str) -> dict:
+    entry = manifest()[tag]
+    size = entry['input_size']
+    first_conv = 'stem.conv1' if entry['generation'] == 'dat_pp' else 'stem.conv'
+    return {
+        'url': entry['official_url'], 'hf_hub_id': entry['hf_hub_id'], 'num_classes': 1000,
+        'input_size': tuple(size), 'pool_size': (size[1] // 32, size[2] // 32), 'min_input_size': (3, 32, 32),
+        'crop_pct': entry['crop_pct'], 'interpolation': entry['interpolation'], 'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': first_conv, 'classifier': 'head.fc', 'license': entry['license'],
+        'paper_ids': entry['paper'], 'origin_url': 'https://github.com/LeapLabTHU/DAT',
+    }
+
+
+default_cfgs = generate_default_cfgs({tag: _cfg(tag) for tag in manifest()})
+
+
+@register_model
+def dat_tiny(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_tiny', pretrained, **kwargs)
+
+
+@register_model
+def dat_small(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_small', pretrained, **kwargs)
+
+
+@register_model
+def dat_base(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_base', pretrained, **kwargs)
+
+
+@register_model
+def dat_base_384(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_base_384', pretrained, **kwargs)
