@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.models._features_fx import register_notrace_function
 
 
+@register_notrace_function  # data-dependent padding: a leaf for fx feature extraction
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad_h = (multiple - x.shape[2] % multiple) % multiple
     pad_w = (multiple - x.shape[3] % multiple) % multiple

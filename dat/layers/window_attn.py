@@ -5,7 +5,8 @@ masked out, and the output is cropped back. At sizes that need no padding the re
 module exactly (its shifted-window mask used -100 for cross-region pairs; so does this one).
 """
 import math
-from typing import Dict, Optional, Tuple
+from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,36 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
 
 
+@lru_cache(maxsize=64)
+def window_attention_mask(height: int, width: int, window_size: int, shift_size: int, dtype: torch.dtype,
+                          device: torch.device) -> Optional[torch.Tensor]:
+    """(windows, w*w, w*w) additive mask for a (height, width) map, or None when nothing needs masking.
+
+    Keys in another shift region than the query (Swin's rule) and keys on padding get MASKED. Cached: every
+    block of a stage, and every forward at one input size, uses the same mask.
+    """
+    ws, shift = window_size, shift_size
+    padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+    if shift == 0 and padded_h == height and padded_w == width:
+        return None
+    region = torch.zeros(padded_h, padded_w, device=device)
+    if shift:
+        bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+        label = 0
+        for rows in bands:
+            for cols in bands:
+                region[rows, cols] = label
+                label += 1
+    padding = torch.ones(padded_h, padded_w, device=device)
+    padding[:height, :width] = 0
+    if shift:
+        padding = torch.roll(padding, shifts=(-shift, -shift), dims=(0, 1))
+    region_windows = window_partition(region[None, :, :, None], ws).squeeze(-1)
+    padding_windows = window_partition(padding[None, :, :, None], ws).squeeze(-1) > 0
+    mask = (region_windows[:, None, :] != region_windows[:, :, None]) | padding_windows[:, None, :]
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask, MASKED)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention within windows of `window_size`; `shift_size > 0` makes it the shifted variant.
 
@@ -60,47 +91,12 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
         self.register_buffer('relative_position_index', relative_position_index(window_size, device),
                              persistent=False)
-        self._mask_cache: Dict[Tuple[int, int, str, str], Optional[torch.Tensor]] = {}
         trunc_normal_(self.relative_position_bias_table, std=0.01)
 
-    def _apply(self, fn, recurse=True):
-        self._mask_cache.clear()  # masks follow the module's device and dtype
-        return super()._apply(fn, recurse)
-
     @torch.jit.ignore
-    def attention_mask(self, height: int, width: int, dtype: torch.dtype, device: torch.device
-                       ) -> Optional[torch.Tensor]:
-        """(windows, w*w, w*w) additive mask for a (height, width) map, or None when nothing is masked."""
-        key = (height, width, str(dtype), str(device))
-        if key not in self._mask_cache:
-            if len(self._mask_cache) > 16:
-                self._mask_cache.clear()
-            self._mask_cache[key] = self._build_mask(height, width, dtype, device)
-        return self._mask_cache[key]
-
-    def _build_mask(self, height: int, width: int, dtype: torch.dtype, device: torch.device
-                    ) -> Optional[torch.Tensor]:
-        ws, shift = self.window_size, self.shift_size
-        padded_h, padded_w = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
-        if shift == 0 and padded_h == height and padded_w == width:
-            return None
-        region = torch.zeros(padded_h, padded_w, device=device)
-        if shift:
-            bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-            label = 0
-            for rows in bands:
-                for cols in bands:
-                    region[rows, cols] = label
-                    label += 1
-        # a padded position belongs to no region: it gets a label no real position has
-        padding = torch.ones(padded_h, padded_w, dtype=torch.bool, device=device)
-        padding[:height, :width] = False
-        if shift:
-            padding = torch.roll(padding, shifts=(-shift, -shift), dims=(0, 1))
-        region_windows = window_partition(region[None, :, :, None], ws).squeeze(-1)
-        padding_windows = window_partition(padding[None, :, :, None].float(), ws).squeeze(-1).bool()
-        mask = (region_windows[:, None, :] != region_windows[:, :, None]) | padding_windows[:, None, :]
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask, MASKED)
+    def attention_mask(self, height: int, width: int, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask for a (height, width) map, in the dtype and on the device of the attention `scores`."""
+        return window_attention_mask(height, width, self.window_size, self.shift_size, scores.dtype, scores.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -120,7 +116,7 @@ class WindowAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
-        mask = self.attention_mask(H, W, attn.dtype, attn.device)
+        mask = self.attention_mask(H, W, attn)
         if mask is not None:
             attn = attn.view(B, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
             attn = attn.view(-1, self.num_heads, tokens, tokens)

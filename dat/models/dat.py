@@ -41,7 +41,7 @@ for _module in (WindowAttention, DeformableAttention):
 
 
 @register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> None:
     """Reject what the model cannot process, naming the problem, before it fails deep inside a layer."""
     if x.dim() != 4:
         raise ValueError('expected an image batch of shape (B, C, H, W), got a tensor of rank {}'.format(x.dim()))
@@ -51,9 +51,9 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if not x.is_floating_point():
         raise ValueError('expected a floating-point image tensor, got {}; convert integer images with '
                          '.float() and normalise them first'.format(x.dtype))
-    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+    if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError('input {}x{} is too small: DAT needs at least {}x{} pixels'.format(
-            x.shape[2], x.shape[3], MIN_INPUT_SIZE, MIN_INPUT_SIZE))
+            x.shape[2], x.shape[3], min_size, min_size))
 
 
 def _per_stage(value, name: str, num_stages: int) -> tuple:
