@@ -2,10 +2,11 @@
 
 The official files are `torch.save({'model': state_dict, ...})` pickles. They are read with
 `weights_only=True`; any extra non-tensor object in them (a training config, say) is replaced by an inert
-placeholder instead of being unpickled, so loading never executes code from the file.
+placeholder instead of being unpickled, so loading never imports or executes code named by the file.
 """
 import pickle
 import re
+import types
 import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Union
@@ -25,20 +26,38 @@ class CheckpointError(RuntimeError):
 
 
 class _InertObject(dict):
-    """Stands in for any non-tensor object in a checkpoint; holds nothing and runs nothing."""
+    """Stands in for every non-tensor object of a checkpoint; holds nothing and runs nothing."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+
+    def __setitem__(self, key, value):
+        pass
 
     def __setstate__(self, state):
         pass
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')
+class _InertUnpickler(pickle.Unpickler):
+    """Resolves only the globals that torch's weights_only loader allows; any other global (a training
+    config class, a function) resolves to `_InertObject`, so nothing from the file is imported or called."""
+
+    def find_class(self, module, name):
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return _get_allowed_globals().get(f'{module}.{name}', _InertObject)
+
+
+_inert_pickle = types.ModuleType('dat_inert_pickle')
+_inert_pickle.Unpickler = _InertUnpickler
+_inert_pickle.load = lambda file, **kwargs: _InertUnpickler(file, **kwargs).load()
 
 
 def load_checkpoint_file(path: Union[str, Path]) -> dict:
-    """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file into a dict, with errors that name the file."""
+    """Read a `.pth`/`.pt` or `.safetensors` file into a dict, with errors that name the file.
+
+    Pickles are read with `weights_only=True`; one that carries other objects (official training checkpoints
+    hold a yacs config) is re-read with an unpickler that replaces those objects by inert placeholders.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
@@ -48,18 +67,13 @@ def load_checkpoint_file(path: Union[str, Path]) -> dict:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types for bad headers and short files
             raise CheckpointError(f'{path} is not a readable safetensors file: {error}') from error
-    stand_ins = []
-    while True:
+    try:
         try:
-            with torch.serialization.safe_globals(stand_ins):
-                return torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as error:
-            match = _UNSUPPORTED_GLOBAL.search(str(error))
-            if match is None or len(stand_ins) >= 32:
-                raise CheckpointError(f'{path} is not a loadable checkpoint: {error}') from error
-            stand_ins.append((_InertObject, match.group(1)))
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-            raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {error}') from error
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_inert_pickle)
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint: {error}') from error
 
 
 def unwrap_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:

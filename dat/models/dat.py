@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._builder import resolve_pretrained_cfg
@@ -211,7 +211,7 @@ class DeformableAttentionTransformer(nn.Module):
         stem_dim = stem_dim or dims[0]
         self.stem = PatchStem(in_chans, stem_dim, **dd) if stem == 'patch' else ConvStem(in_chans, stem_dim, **dd)
 
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         stages, self.feature_info = [], []
         in_dim, map_h, map_w = stem_dim, img_h // 4, img_w // 4
         for i in range(num_stages):
@@ -270,7 +270,7 @@ class DeformableAttentionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
             self,
@@ -323,7 +323,7 @@ class DeformableAttentionTransformer(nn.Module):
             self.norm = nn.Identity()
         if prune_head or prune_end:
             self.num_classes = 0
-            self.head.reset(0, '' if prune_head else None, in_features=self.num_features)
+            self.head.reset(0, '' if prune_head else None, in_features=self.num_features, **get_device_dtype(self))
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
