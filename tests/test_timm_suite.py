@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 
-SUITE = Path(os.environ.get('DAT_TIMM_TESTS', Path(__file__).resolve().parents[1] / '.cache' / 'timm-tests'))
+SUITE = Path(os.environ.get('DAT_TIMM_TESTS', Path(__file__).resolve().parents[1] / '.cache' / f'timm-{timm.__version__}' / 'tests'))
 # a test is generic when its models come from the registry (timm's standard resnet50 among them); the
 # pretrained-weight tests download from the Hub and are replaced by our offline download tests
 STANDARD_MODEL = 'resnet50'

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One entry point that sets up a fresh machine and runs the main job or the tests.
+#   bash scripts/dev.sh demo [args...]   -> python -m dat [args...]
+#   bash scripts/dev.sh test [args...]   -> python -m pytest tests [args...]
+# Set-up (idempotent): torch 2.14.1 / torchvision 0.29.1, this package in editable mode with its native
+# extension (C++ always, CUDA when nvcc is present; DAT_REQUIRE_EXT=1 makes a build failure fatal), and
+# timm's own model test suite from the source release of the installed timm (for tests/test_timm_suite.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+job=${1:-test}
+shift || true
+
+quiet_pip() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "Running pip as the 'root' user" || true; }
+
+if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')))" 2>/dev/null; then
+  echo "== installing torch 2.14.1 and torchvision 0.29.1"
+  quiet_pip torch==2.14.1 torchvision==0.29.1
+fi
+
+if "$PY" -c "import dat, sys, os; sys.exit(not dat.__file__.startswith(os.path.join('$ROOT', 'dat')))" 2>/dev/null; then
+  echo "== rebuilding the native extension where sources changed"
+  MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)|Warning|warn" || true
+  [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
+else
+  echo "== installing dat (editable) and its dependencies; compiling the native extension"
+  MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test]"
+  [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
+fi
+
+TIMM_VERSION=$("$PY" -c "import timm; print(timm.__version__)")
+export DAT_TIMM_TESTS="$ROOT/.cache/timm-$TIMM_VERSION/tests"
+if [ ! -f "$DAT_TIMM_TESTS/test_models.py" ]; then
+  echo "== fetching timm $TIMM_VERSION's own test suite"
+  tmp=$(mktemp -d)
+  if "$PY" -m pip download -q --no-deps --no-binary :all: "timm==$TIMM_VERSION" -d "$tmp" 2>/dev/null; then
+    mkdir -p "$ROOT/.cache" && tar -xzf "$tmp"/timm-*.tar.gz -C "$ROOT/.cache" "timm-$TIMM_VERSION/tests"
+  else
+    echo "   (could not download it: tests/test_timm_suite.py will skip)"
+  fi
+  rm -rf "$tmp"
+fi
+
+case "$job" in
+  demo) exec "$PY" -m dat "$@" ;;
+  test) exec "$PY" -m pytest tests "$@" ;;
+  *) echo "usage: bash scripts/dev.sh demo|test [args...]" >&2; exit 2 ;;
+esac
