@@ -16,6 +16,13 @@
 namespace dat {
 namespace neighborhood_attn {
 
+// Sizes of one call; tensors are contiguous (B, heads, H, W, dim), attention (B, heads, H, W, k*k).
+struct Geometry {
+  int64_t heads, height, width, dim, kernel_size, dilation;
+  C10_HOST_DEVICE int64_t window() const { return kernel_size * kernel_size; }
+  C10_HOST_DEVICE int64_t table_side() const { return 2 * kernel_size - 1; }
+};
+
 C10_HOST_DEVICE inline int64_t group_length(int64_t length, int64_t dilation, int64_t group) {
   return (length - group + dilation - 1) / dilation;
 }

@@ -19,16 +19,6 @@ namespace dat {
 namespace neighborhood_attn {
 namespace {
 
-struct Geometry {
-  int64_t heads, height, width, dim, kernel_size, dilation;
-  int64_t window() const { return kernel_size * kernel_size; }
-  int64_t table_side() const { return 2 * kernel_size - 1; }
-};
-
-Geometry geometry_of(const at::Tensor& q, int64_t kernel_size, int64_t dilation) {
-  return {q.size(1), q.size(2), q.size(3), q.size(4), kernel_size, dilation};
-}
-
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   acc_t sum = 0;
@@ -206,47 +196,36 @@ void bias_backward(const at::opmath_type<scalar_t>* grad_logits, scalar_t* grad_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cpu(const at::Tensor& q_, const at::Tensor& k_,
-                                                         const at::Tensor& v_, const at::Tensor& rpb_,
+std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& rpb,
                                                          int64_t kernel_size, int64_t dilation, double scale) {
-  check_forward_inputs(q_, k_, v_, rpb_, kernel_size, dilation);
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), rpb = rpb_.contiguous();
-  const Geometry g = geometry_of(q, kernel_size, dilation);
-  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  const auto acc_type = at::toOpMathType(q.scalar_type());
-  at::Tensor attn = at::empty({q.size(0), g.heads, g.height, g.width, g.window()}, q.options().dtype(acc_type));
+  ForwardTensors t = prepare_forward(q, k, v, rpb, kernel_size, dilation);
+  const Geometry g = geometry_of(t.q, kernel_size, dilation);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cpu", [&] {
-    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                             rpb.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                             attn.data_ptr<at::opmath_type<scalar_t>>(), q.size(0) * g.heads * g.height, g, scale);
+    forward_kernel<scalar_t>(t.q.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(),
+                             t.rpb.data_ptr<scalar_t>(), t.out.data_ptr<scalar_t>(),
+                             t.attn.data_ptr<at::opmath_type<scalar_t>>(), q.size(0) * g.heads * g.height, g, scale);
   });
-  return {out, attn};
+  return {t.out, t.attn};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& attn_, int64_t kernel_size, int64_t dilation, double scale) {
-  check_backward_inputs(grad_out_, q_, k_, v_, attn_, kernel_size, dilation);
-  const at::Tensor grad_out = grad_out_.contiguous(), q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor attn = attn_.to(at::toOpMathType(q.scalar_type())).contiguous();
-  const Geometry g = geometry_of(q, kernel_size, dilation);
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& attn, int64_t kernel_size, int64_t dilation, double scale) {
+  BackwardTensors t = prepare_backward(grad_out, q, k, v, attn, kernel_size, dilation);
+  const Geometry g = geometry_of(t.q, kernel_size, dilation);
   const int64_t rows = q.size(0) * g.heads * g.height;
-  at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_k = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_v = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_rpb = at::empty({g.heads, g.table_side(), g.table_side()}, q.options());
-  at::Tensor grad_logits = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    query_side_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                  attn.data_ptr<acc_t>(), grad_logits.data_ptr<acc_t>(), grad_q.data_ptr<scalar_t>(),
-                                  rows, g, scale);
-    key_side_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), attn.data_ptr<acc_t>(),
-                                grad_logits.data_ptr<acc_t>(), grad_k.data_ptr<scalar_t>(),
-                                grad_v.data_ptr<scalar_t>(), rows, g, scale);
-    bias_backward<scalar_t>(grad_logits.data_ptr<acc_t>(), grad_rpb.data_ptr<scalar_t>(), q.size(0), g);
+    query_side_backward<scalar_t>(t.grad_out.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(),
+                                  t.v.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), t.grad_logits.data_ptr<acc_t>(),
+                                  t.grad_q.data_ptr<scalar_t>(), rows, g, scale);
+    key_side_backward<scalar_t>(t.grad_out.data_ptr<scalar_t>(), t.q.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
+                                t.grad_logits.data_ptr<acc_t>(), t.grad_k.data_ptr<scalar_t>(),
+                                t.grad_v.data_ptr<scalar_t>(), rows, g, scale);
+    bias_backward<scalar_t>(t.grad_logits.data_ptr<acc_t>(), t.grad_rpb.data_ptr<scalar_t>(), q.size(0), g);
   });
-  return {grad_q, grad_k, grad_v, grad_rpb};
+  return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
 }
 
 }  // namespace
