@@ -5,12 +5,14 @@
 // fixed-order block reduction, so all results are deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "neighborhood_attn/neighborhood_attn.h"
@@ -79,7 +81,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ q, const scalar_t* _
                          bias_offset(w.x, w.x0, g.kernel_size, g.dilation);
   const scalar_t* q_i = q + query * g.dim;
 
-  acc_t max_logit = at::numeric_limits<acc_t>::lowest();
+  acc_t max_logit = std::numeric_limits<acc_t>::lowest();
   for (int64_t slot = lane; slot < g.window(); slot += kWarpSize) {
     const acc_t logit = dot<acc_t>(q_i, k + key_of_slot(slot, w.plane, w.y0, w.x0, g) * g.dim, g.dim) * scale +
                         static_cast<acc_t>(bias[(slot / g.kernel_size) * side + slot % g.kernel_size]);
@@ -89,7 +91,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ q, const scalar_t* _
   max_logit = warp_max(max_logit);
   acc_t total = 0;
   for (int64_t slot = lane; slot < g.window(); slot += kWarpSize) {
-    const acc_t weight = ::exp(probabilities[slot] - max_logit);
+    const acc_t weight = std::exp(probabilities[slot] - max_logit);
     probabilities[slot] = weight;
     total += weight;
   }
@@ -214,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, c
   const Geometry g = geometry_of(t.q, kernel_size, dilation);
   const int64_t queries = t.q.numel() / g.dim;
   if (queries == 0) return {t.out, t.attn};
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t shared = kWarpsPerBlock * g.window() * sizeof(acc_t);
@@ -237,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
     t.grad_rpb.zero_();
     return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t shared = kWarpsPerBlock * g.window() * sizeof(acc_t);
