@@ -1,0 +1,150 @@
+"""2-D neighborhood attention with a relative-position bias (the local attention of DAT++).
+
+Numerically the attention of natten 0.14 (`natten2dqkrpb` + softmax + `natten2dav`), which DAT++'s
+official code uses and which no longer builds against current PyTorch.
+
+Shapes: q, k, v (B, M, H, W, D); rpb (M, 2k-1, 2k-1); output (B, M, H, W, D). Kernel size k is odd
+and > 1, dilation d >= 1, and H, W >= k * d (callers pad smaller maps).
+
+Window rule, per axis of length L: query i attends to k keys of its dilation group, the indices
+congruent to i mod d. That group has Lg elements and i sits at position i // d in it; the window
+starts at start = clamp(i // d - k // 2, 0, Lg - k) and key t is at index (start + t) * d + i % d.
+Windows are clamped at the borders rather than zero padded, so every query sees k * k real keys.
+This is natten 0.14's get_window_start / get_pb_start, restated in group coordinates.
+
+    logit(i, j) = scale * <q_i, k_j> + rpb[m, (j_y - i_y) / d + k - 1, (j_x - i_x) / d + k - 1]
+    out_i       = sum_j softmax_j(logit(i, j)) * v_j          (over the k * k keys j of i's window)
+
+`scale` multiplies the dot products; None means D ** -0.5. DAT++ (like natten's layers) scales q
+before calling natten, so its port passes scale=1.0 on a pre-scaled q, or the scale here on a raw q.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from ._extension import NATIVE_IMPORT_ERROR, resolve_impl
+
+OP_NAME = 'neighborhood_attn'
+# Elements of one gathered (queries x window x head_dim) block in the reference; bounds its forward memory.
+REFERENCE_BLOCK_ELEMENTS = 1 << 23
+
+
+def check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size: int, dilation: int) -> None:
+    if not isinstance(kernel_size, int) or kernel_size <= 1 or kernel_size % 2 == 0:
+        raise ValueError(f'kernel_size must be an odd int > 1, got {kernel_size!r}')
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f'dilation must be an int >= 1, got {dilation!r}')
+    if q.dim() != 5:
+        raise ValueError(f'q must be (B, heads, H, W, head_dim); got {tuple(q.shape)}')
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f'q, k, v must share one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    _, heads, height, width, _ = q.shape
+    side = 2 * kernel_size - 1
+    if rpb.shape != (heads, side, side):
+        raise ValueError(f'rpb must be (heads, 2k-1, 2k-1) = ({heads}, {side}, {side}); got {tuple(rpb.shape)}')
+    if height < kernel_size * dilation or width < kernel_size * dilation:
+        raise ValueError(f'the map ({height} x {width}) must be at least kernel_size * dilation = '
+                         f'{kernel_size * dilation} on each side; pad it first')
+    if not q.is_floating_point():
+        raise TypeError(f'neighborhood attention needs floating-point tensors, got {q.dtype}')
+    others = [k, v, rpb]
+    if any(t.dtype != q.dtype for t in others) or any(t.device != q.device for t in others):
+        raise TypeError('q, k, v and rpb must share one dtype and device; got '
+                        + ', '.join(f'{t.dtype}@{t.device}' for t in [q] + others))
+
+
+def _axis_windows(length: int, kernel_size: int, dilation: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Key indices (length, k) of every query's window along one axis, and their bias-table indices."""
+    index = torch.arange(length)
+    group = index % dilation
+    group_length = (length - group + dilation - 1) // dilation
+    start = torch.minimum(index // dilation - kernel_size // 2, group_length - kernel_size).clamp(min=0)
+    keys = (start[:, None] + torch.arange(kernel_size)) * dilation + group[:, None]
+    bias = torch.div(keys - index[:, None], dilation, rounding_mode='floor') + kernel_size - 1
+    return keys, bias
+
+
+@functools.lru_cache(maxsize=64)
+def neighborhood_tables(height: int, width: int, kernel_size: int, dilation: int,
+                        device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flat key indices (H*W, k*k) of each query's window and flat indices into rpb[m] (row-major)."""
+    keys_y, bias_y = _axis_windows(height, kernel_size, dilation)
+    keys_x, bias_x = _axis_windows(width, kernel_size, dilation)
+    window = kernel_size * kernel_size
+    key_index = (keys_y[:, None, :, None] * width + keys_x[None, :, None, :]).reshape(height * width, window)
+    bias_index = (bias_y[:, None, :, None] * (2 * kernel_size - 1) + bias_x[None, :, None, :])
+    return key_index.to(device), bias_index.reshape(height * width, window).to(device)
+
+
+def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
+                                     block_elements: int = REFERENCE_BLOCK_ELEMENTS) -> torch.Tensor:
+    """Gather each query's window from cached index tables, over blocks of queries.
+
+    The forward never holds more than `block_elements` gathered keys (and as many values) at once;
+    autograd keeps the gathered blocks for the backward, k*k times the size of k and v in total.
+    """
+    check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    B, M, H, W, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    key_index, bias_index = neighborhood_tables(H, W, kernel_size, dilation, q.device)
+    window = kernel_size * kernel_size
+    q, k, v = (t.reshape(B, M, H * W, D) for t in (q, k, v))
+    bias = rpb.reshape(M, -1)[:, bias_index]  # M, H*W, window
+    chunk = max(1, block_elements // max(1, B * M * window * D))
+    outputs = []
+    for start in range(0, H * W, chunk):
+        keys = key_index[start:start + chunk]
+        logits = torch.einsum('bmnd,bmnkd->bmnk', q[:, :, start:start + chunk], k[:, :, keys]) * scale
+        probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
+        outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.reshape(B, M, H, W, D)
+
+
+def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
+                           impl: Optional[str] = None) -> torch.Tensor:
+    """Dispatch to the fused `dat::neighborhood_attn` op or the pure-PyTorch reference (see module docstring)."""
+    check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_impl(impl, OP_NAME, q.device.type) == 'fused':
+        out, _ = torch.ops.dat.neighborhood_attn(q.contiguous(), k.contiguous(), v.contiguous(), rpb.contiguous(),
+                                                 kernel_size, dilation, scale)
+        return out
+    return neighborhood_attention_reference(q, k, v, rpb, kernel_size, dilation, scale)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _register_native_op() -> None:
+    @torch.library.register_fake('dat::neighborhood_attn')
+    def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
+        attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
+        return torch.empty_like(q, memory_format=torch.contiguous_format), attn
+
+    @torch.library.register_fake('dat::neighborhood_attn_backward')
+    def _fake_backward(grad_out, q, k, v, attn, kernel_size, dilation, scale):
+        side = 2 * kernel_size - 1
+        grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
+        return (*grads, q.new_empty((q.shape[1], side, side)))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, kernel_size, dilation, scale = inputs
+        _, attn = output
+        ctx.save_for_backward(q, k, v, attn)
+        ctx.geometry = (kernel_size, dilation, scale)
+        ctx.mark_non_differentiable(attn)
+
+    def backward(ctx, grad_out, _grad_attn):
+        q, k, v, attn = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_rpb = torch.ops.dat.neighborhood_attn_backward(
+            grad_out.contiguous(), q, k, v, attn, *ctx.geometry)
+        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+
+    torch.library.register_autograd('dat::neighborhood_attn', backward, setup_context=setup_context)
+
+
+if NATIVE_IMPORT_ERROR is None and hasattr(torch.ops.dat, OP_NAME):
+    _register_native_op()

@@ -1,0 +1,197 @@
+"""Neighborhood attention: fused `dat::neighborhood_attn` vs the pure-PyTorch reference.
+
+Times the forward (no autograd) and forward+backward at DAT++-T stage sizes (224 input) and at a
+detection size, and reports peak memory: on CUDA from the caching allocator, on CPU as the growth of
+the process's peak resident set, each (impl, size) measured in a fresh subprocess so that watermarks
+do not carry over. `--with-flex` adds FlexAttention (block mask + rpb score_mod, torch.compile'd) as a
+third contender, the alternative fast path considered for this op.
+
+    OMP_NUM_THREADS=2 python scripts/benchmark_nat.py
+    python scripts/benchmark_nat.py --device cuda --with-flex
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dat.ops import neighborhood_attention  # noqa: E402
+
+# name, batch, heads, height, width (head_dim 32, kernel 7 throughout, as in DAT++-T)
+SIZES = [
+    ('stage1 56x56', 8, 2, 56, 56),
+    ('stage2 28x28', 8, 4, 28, 28),
+    ('stage3 14x14', 8, 8, 14, 14),
+    ('detection 100x168', 2, 2, 100, 168),
+]
+HEAD_DIM = 32
+KERNEL_SIZE = 7
+
+
+def flex_neighborhood_attention(dilation, height, width, heads, device):
+    """FlexAttention over the flattened map: the window rule as a block mask, rpb as a score_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    k = KERNEL_SIZE
+
+    def window_start(index, length):
+        group = index % dilation
+        group_length = (length - group + dilation - 1) // dilation
+        return torch.clamp(torch.minimum(index // dilation - k // 2, group_length - k), min=0) * dilation + group
+
+    def axis_in_window(query, key, length):
+        offset = key - window_start(query, length)
+        return (key % dilation == query % dilation) & (offset >= 0) & (offset < k * dilation)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (axis_in_window(q_idx // width, kv_idx // width, height)
+                & axis_in_window(q_idx % width, kv_idx % width, width))
+
+    tokens = height * width
+    block_mask = create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def attend(q, k_, v, rpb, scale):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            # evaluated on masked-out pairs too (then discarded), so keep the table index in range
+            dy = ((kv_idx // width - q_idx // width) // dilation + k - 1).clamp(0, 2 * k - 2)
+            dx = ((kv_idx % width - q_idx % width) // dilation + k - 1).clamp(0, 2 * k - 2)
+            return score + rpb[h, dy, dx]
+
+        B, M, H, W, D = q.shape
+        out = compiled(*(t.reshape(B, M, H * W, D) for t in (q, k_, v)), score_mod=score_mod,
+                       block_mask=block_mask, scale=scale)
+        return out.reshape(B, M, H, W, D)
+
+    return attend
+
+
+def synchronize(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device, baseline):
+    if device == 'cuda':
+        return (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024  # ru_maxrss is KiB on Linux
+
+
+def memory_baseline(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def median_seconds(step, device, min_total=1.0, min_repeats=3, max_repeats=50):
+    times = []
+    while len(times) < min_repeats or (sum(times) < min_total and len(times) < max_repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(impl, size_index, device, dilation):
+    """Runs in a fresh process: peak memory first (fwd, then fwd+bwd), then the timings."""
+    _, B, M, H, W = SIZES[size_index]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, M, H, W, HEAD_DIM, generator=generator).to(device) for _ in range(3))
+    rpb = (0.02 * torch.randn(M, 2 * KERNEL_SIZE - 1, 2 * KERNEL_SIZE - 1, generator=generator)).to(device)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb)]
+    grad_out = torch.randn_like(q)
+    scale = HEAD_DIM ** -0.5
+    if impl == 'flex':
+        attention = flex_neighborhood_attention(dilation, H, W, M, device)
+    else:
+        def attention(q, k, v, rpb, scale):
+            return neighborhood_attention(q, k, v, rpb, KERNEL_SIZE, dilation, scale=scale, impl=impl)
+
+    def forward():
+        with torch.no_grad():
+            return attention(q, k, v, rpb, scale)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        attention(*leaves, scale).backward(grad_out)
+
+    # torch 2.14's FlexAttention has no CPU backward ("does not support backward on CPU").
+    trains = not (impl == 'flex' and device == 'cpu')
+    result = {}
+    if impl == 'flex':  # compile outside the measured region
+        forward()
+        if trains:
+            forward_backward()
+    baseline = memory_baseline(device)  # a high watermark on CPU: measure before anything else allocates
+    forward()
+    synchronize(device)
+    result['forward_mib'] = peak_memory_mib(device, baseline)
+    if trains:
+        forward_backward()
+        synchronize(device)
+        result['train_mib'] = peak_memory_mib(device, baseline)
+    result['forward_ms'] = 1e3 * median_seconds(forward, device)
+    if trains:
+        result['train_ms'] = 1e3 * median_seconds(forward_backward, device)
+    if impl != 'reference':
+        reference = neighborhood_attention(q, k, v, rpb, KERNEL_SIZE, dilation, scale=scale, impl='reference')
+        result['max_abs_diff'] = (forward() - reference).abs().max().item()
+    return result
+
+
+def run_in_subprocess(impl, size_index, device, dilation):
+    command = [sys.executable, os.path.abspath(__file__), '--child', impl, str(size_index), '--device', device,
+               '--dilation', str(dilation)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return dict(error=result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--dilation', type=int, default=1)
+    parser.add_argument('--with-flex', action='store_true', help='also measure FlexAttention (torch.compile)')
+    parser.add_argument('--child', nargs=2, metavar=('IMPL', 'SIZE'), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.device, args.dilation)))
+        return
+
+    impls = ['fused', 'reference'] + (['flex'] if args.with_flex else [])
+    print(f'device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} '
+          f'head_dim={HEAD_DIM} kernel={KERNEL_SIZE} dilation={args.dilation}')
+    print('| size | B x M | impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | speed-up vs reference '
+          'fwd / fwd+bwd | max abs diff vs reference |')
+    print('|---|---|---|---|---|---|---|---|---|')
+
+    def cell(result, key, form):
+        return form.format(result[key]) if key in result else 'n/a'
+
+    for index, (name, B, M, _, _) in enumerate(SIZES):
+        results = {impl: run_in_subprocess(impl, index, args.device, args.dilation) for impl in impls}
+        reference = results['reference']
+        for impl, r in results.items():
+            if 'error' in r:
+                print(f'| {name} | {B} x {M} | {impl} | failed: {r["error"]} ||||||')
+                continue
+            speed_up = '/'.join(f'{reference[key] / r[key]:.1f}x' if key in r and key in reference else 'n/a'
+                                for key in ('forward_ms', 'train_ms'))
+            print(f'| {name} | {B} x {M} | {impl} | {cell(r, "forward_ms", "{:.1f}")} | {cell(r, "train_ms", "{:.1f}")} | '
+                  f'{cell(r, "forward_mib", "{:.0f}")} | {cell(r, "train_mib", "{:.0f}")} | {speed_up} | '
+                  f'{cell(r, "max_abs_diff", "{:.1e}")} |')
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,208 @@
+"""Neighborhood attention: reference and fused op against a brute-force definition and each other."""
+import pytest
+import torch
+
+from dat.ops import native_op_available, neighborhood_attention, neighborhood_attention_reference
+
+FUSED_CPU = native_op_available('neighborhood_attn', 'cpu')
+FUSED_CUDA = torch.cuda.is_available() and native_op_available('neighborhood_attn', 'cuda')
+needs_fused_cpu = pytest.mark.skipif(not FUSED_CPU, reason='dat._C built without the neighborhood_attn CPU kernel')
+needs_fused_cuda = pytest.mark.skipif(not FUSED_CUDA, reason='needs a GPU and the neighborhood_attn CUDA kernel')
+
+# (H, W, kernel_size, dilation): every border case, maps exactly k*d, H != W, lengths not divisible by d.
+GEOMETRIES = [
+    (3, 3, 3, 1), (5, 7, 3, 1), (6, 6, 3, 2), (9, 8, 3, 2), (11, 10, 3, 3),
+    (7, 9, 5, 1), (10, 13, 5, 2), (7, 7, 7, 1), (8, 12, 7, 1), (14, 15, 7, 2),
+]
+
+
+def brute_force_window(index, length, kernel_size, dilation):
+    """The k indices that `index` attends to along one axis, from the definition in group coordinates."""
+    group = [j for j in range(length) if j % dilation == index % dilation]
+    position = group.index(index)
+    start = min(max(position - kernel_size // 2, 0), len(group) - kernel_size)
+    return group[start:start + kernel_size]
+
+
+def brute_force_attention(q, k, v, rpb, kernel_size, dilation, scale):
+    _, _, H, W, _ = q.shape
+    out = torch.zeros_like(q)
+    for y in range(H):
+        rows = brute_force_window(y, H, kernel_size, dilation)
+        for x in range(W):
+            columns = brute_force_window(x, W, kernel_size, dilation)
+            logits, values = [], []
+            for key_y in rows:
+                for key_x in columns:
+                    bias = rpb[:, (key_y - y) // dilation + kernel_size - 1, (key_x - x) // dilation + kernel_size - 1]
+                    logits.append((q[:, :, y, x] * k[:, :, key_y, key_x]).sum(-1) * scale + bias)
+                    values.append(v[:, :, key_y, key_x])
+            weights = torch.stack(logits, dim=-1).softmax(dim=-1)
+            out[:, :, y, x] = (weights[..., None] * torch.stack(values, dim=-2)).sum(-2)
+    return out
+
+
+def make_inputs(B, M, H, W, D, kernel_size, dtype=torch.float64, device='cpu', requires_grad=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, M, H, W, D, generator=generator, dtype=dtype) for _ in range(3))
+    rpb = torch.randn(M, 2 * kernel_size - 1, 2 * kernel_size - 1, generator=generator, dtype=dtype)
+    return [t.to(device).requires_grad_(requires_grad) for t in (q, k, v, rpb)]
+
+
+IMPLS = ['reference', pytest.param('fused', marks=needs_fused_cpu)]
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('H, W, kernel_size, dilation', GEOMETRIES)
+def test_matches_brute_force(impl, H, W, kernel_size, dilation):
+    q, k, v, rpb = make_inputs(2, 2, H, W, 3, kernel_size)
+    expected = brute_force_attention(q, k, v, rpb, kernel_size, dilation, scale=0.7)
+    out = neighborhood_attention(q, k, v, rpb, kernel_size, dilation, scale=0.7, impl=impl)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, rpb = make_inputs(1, 2, 6, 7, 9, 3)
+    out = neighborhood_attention_reference(q, k, v, rpb, 3)
+    torch.testing.assert_close(out, brute_force_attention(q, k, v, rpb, 3, 1, scale=1 / 3), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_blocks_do_not_change_the_result():
+    q, k, v, rpb = make_inputs(1, 2, 9, 8, 4, 3)
+    whole = neighborhood_attention_reference(q, k, v, rpb, 3, 2, scale=1.0)
+    blocked = neighborhood_attention_reference(q, k, v, rpb, 3, 2, scale=1.0, block_elements=1)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('H, W, kernel_size, dilation', [(6, 7, 3, 1), (7, 6, 3, 2), (5, 6, 5, 1)])
+def test_gradcheck(impl, H, W, kernel_size, dilation):
+    inputs = make_inputs(1, 2, H, W, 3, kernel_size, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, rpb: neighborhood_attention(q, k, v, rpb, kernel_size, dilation, scale=0.8, impl=impl),
+        inputs, fast_mode=True)
+
+
+def _forward_backward(impl, inputs, kernel_size, dilation):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = neighborhood_attention(*inputs, kernel_size, dilation, impl=impl)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    out.backward(grad_out)
+    return [out] + [t.grad for t in inputs]
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize('dilation', [1, 3])
+def test_fused_matches_reference_at_dat_sizes(dilation):
+    inputs = make_inputs(2, 2, 56, 56, 32, 7, dtype=torch.float32)
+    fused = _forward_backward('fused', inputs, 7, dilation)
+    reference = _forward_backward('reference', inputs, 7, dilation)
+    for name, a, b in zip(['out', 'grad_q', 'grad_k', 'grad_v'], fused[:4], reference[:4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f'{name}: {m}')
+    # grad_rpb sums B*H*W logit gradients per entry, so fp32 rounding is relative to its largest entry
+    # (both paths are ~1e-6 of it away from an fp64 evaluation).
+    torch.testing.assert_close(fused[4], reference[4], rtol=1e-5, atol=1e-5 * reference[4].abs().max().item())
+
+
+@needs_fused_cpu
+def test_fused_accepts_non_contiguous_inputs():
+    q, k, v, rpb = make_inputs(2, 3, 9, 10, 4, 3)
+    q, k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
+    assert not q.is_contiguous()
+    torch.testing.assert_close(neighborhood_attention(q, k, v, rpb, 3, 2, impl='fused'),
+                               neighborhood_attention_reference(q, k, v, rpb, 3, 2), rtol=1e-12, atol=1e-12)
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_fused_reduced_precision_on_cpu(dtype):
+    inputs = make_inputs(1, 2, 10, 11, 16, 5, dtype=torch.float32)
+    fused = _forward_backward('fused', [t.to(dtype) for t in inputs], 5, 1)
+    reference = _forward_backward('reference', inputs, 5, 1)
+    for a, b in zip(fused, reference):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.05)
+
+
+@needs_fused_cpu
+def test_opcheck():
+    q, k, v, rpb = make_inputs(1, 2, 6, 7, 4, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.dat.neighborhood_attn.default, (q, k, v, rpb, 3, 2, 0.5))
+    _, attn = torch.ops.dat.neighborhood_attn(q, k, v, rpb, 3, 2, 0.5)
+    grad_out = torch.randn_like(q)
+    torch.library.opcheck(torch.ops.dat.neighborhood_attn_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), attn, 3, 2, 0.5))
+
+
+@needs_fused_cpu
+def test_native_op_rejects_bad_geometry():
+    q, k, v, rpb = make_inputs(1, 2, 5, 5, 4, 3)
+    with pytest.raises(RuntimeError, match='at least kernel_size \\* dilation'):
+        torch.ops.dat.neighborhood_attn(q, k, v, rpb, 3, 2, 1.0)
+    with pytest.raises(RuntimeError, match='rpb must be'):
+        torch.ops.dat.neighborhood_attn(q, k, v, rpb[:, 1:], 3, 1, 1.0)
+
+
+@pytest.mark.parametrize('change, error, match', [
+    (dict(kernel_size=4), ValueError, 'odd int > 1'),
+    (dict(kernel_size=1), ValueError, 'odd int > 1'),
+    (dict(dilation=0), ValueError, 'dilation must be'),
+    (dict(dilation=3), ValueError, 'at least kernel_size \\* dilation = 9'),
+    (dict(q=torch.zeros(1, 2, 8, 8)), ValueError, 'q must be'),
+    (dict(k=torch.zeros(1, 2, 8, 7, 4, dtype=torch.float64)), ValueError, 'share one shape'),
+    (dict(rpb=torch.zeros(2, 3, 3, dtype=torch.float64)), ValueError, 'rpb must be'),
+    (dict(v=torch.zeros(1, 2, 8, 8, 4, dtype=torch.float32)), TypeError, 'share one dtype'),
+    (dict(q=torch.zeros(1, 2, 8, 8, 4, dtype=torch.int64)), TypeError, 'floating-point'),
+])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_bad_inputs(impl, change, error, match):
+    q, k, v, rpb = make_inputs(1, 2, 8, 8, 4, 3)
+    args = dict(q=q, k=k, v=v, rpb=rpb, kernel_size=3, dilation=1)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        neighborhood_attention(**args, impl=impl)
+
+
+def test_torchscript_module_calls_the_dispatcher():
+    class LocalAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rpb = torch.nn.Parameter(torch.randn(2, 5, 5, dtype=torch.float64))
+
+        @torch.jit.ignore
+        def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return neighborhood_attention(q, k, v, self.rpb, 3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attend(x, x * 2.0, x + 1.0)
+
+    module = LocalAttention()
+    x = make_inputs(1, 2, 7, 8, 4, 3)[0]
+    torch.testing.assert_close(torch.jit.script(module)(x), module(x), rtol=0, atol=0)
+
+
+@needs_fused_cuda
+@pytest.mark.parametrize('H, W, kernel_size, dilation', [(14, 15, 7, 2), (11, 10, 3, 3), (56, 56, 7, 1)])
+def test_cuda_fused_matches_reference(H, W, kernel_size, dilation):
+    inputs = make_inputs(2, 2, H, W, 32, kernel_size, dtype=torch.float32, device='cuda')
+    for a, b in zip(_forward_backward('fused', inputs, kernel_size, dilation),
+                    _forward_backward('reference', inputs, kernel_size, dilation)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_fused_cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_fused_reduced_precision(dtype):
+    inputs = make_inputs(2, 2, 20, 23, 32, 7, dtype=torch.float32, device='cuda')
+    fused = _forward_backward('fused', [t.to(dtype) for t in inputs], 7, 2)
+    for a, b in zip(fused, _forward_backward('reference', inputs, 7, 2)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.05)
+
+
+@needs_fused_cuda
+def test_cuda_gradcheck_and_opcheck():
+    inputs = make_inputs(1, 2, 7, 6, 3, 3, device='cuda', requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, rpb: neighborhood_attention(q, k, v, rpb, 3, 2, scale=0.8, impl='fused'), inputs)
+    torch.library.opcheck(torch.ops.dat.neighborhood_attn.default, (*inputs, 3, 1, 0.5))
