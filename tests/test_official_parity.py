@@ -10,7 +10,8 @@ from dat.official import detect_generation, load_official, official_model_sectio
 from conftest import official_fixture
 
 DAT_ARCHS = {'dat_tiny_224': 'dat_tiny', 'dat_small_224': 'dat_small', 'dat_base_224': 'dat_base',
-             'dat_base_384': 'dat_base_384'}
+             'dat_base_384': 'dat_base_384', 'dat_pp_tiny_224': 'dat_pp_tiny', 'dat_pp_small_224': 'dat_pp_small',
+             'dat_pp_base_224': 'dat_pp_base', 'dat_pp_base_384': 'dat_pp_base.in1k_384'}
 
 
 def _load_fixture(name):
@@ -35,6 +36,18 @@ def test_dat_fixture_logits_and_stages():
     torch.testing.assert_close(logits, tensors['logits_224'], atol=1e-5, rtol=0)
     for i, stage in enumerate(stages):
         torch.testing.assert_close(stage, tensors[f'stage{i}_224'], atol=1e-5, rtol=0)
+
+
+def test_dat_pp_fixture_logits_and_stages():
+    config, state_dict, tensors = _load_fixture('dat_pp_mini_seed0.safetensors')
+    assert detect_generation(config) == 'dat_pp'
+    model = load_official(config, {'model': state_dict})
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(tensors['input_224'])
+        logits = model.forward_head(final)
+    torch.testing.assert_close(logits, tensors['logits_224'], atol=1e-5, rtol=0)
+    for i, stage in enumerate(stages):
+        torch.testing.assert_close(stage, tensors[f'stage{i}_224'], atol=1e-4, rtol=0)
 
 
 def test_dat_fixture_deformed_positions():
@@ -78,6 +91,7 @@ def test_official_config_builds_registered_architecture(official_name):
     import timm
     layout = _layouts()[official_name]
     built = load_official({'MODEL': {'DAT': layout['official_config']}}, device='meta')
+    assert built.generation == ('dat_pp' if official_name.startswith('dat_pp') else 'dat')
     registered = timm.create_model(DAT_ARCHS[official_name], device='meta')
     assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in registered.state_dict().items()}

@@ -25,6 +25,7 @@ from timm.models._manipulate import checkpoint_seq
 from dat.layers.deform_attn import DeformableAttention
 from dat.layers.grids import GENERATIONS
 from dat.layers.mlp import DwConvMlp, Mlp
+from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
 from dat.layers.window_attn import WindowAttention
 from dat.checkpoint import checkpoint_filter_fn
@@ -36,7 +37,7 @@ BLOCK_TYPES = 'LSDN'
 MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
 
 # timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size
-for _module in (WindowAttention, DeformableAttention):
+for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention):
     register_notrace_module(_module)
 
 
@@ -224,7 +225,6 @@ class DeformableAttentionTransformer(nn.Module):
                         dim, heads, offset_groups[i], (2 * map_h - 1, 2 * map_w - 1), use_rpe[i], key_strides[i],
                         offset_kernels[i], offset_range_factors[i], generation, proj_drop_rate, attn_impl,
                         **factory_kwargs)
-                from dat.layers.neighborhood_attn import NeighborhoodAttention
                 return NeighborhoodAttention(dim, heads, neighborhood_kernel[i], neighborhood_dilation[i],
                                              proj_drop_rate, attn_impl, **factory_kwargs)
 
@@ -413,3 +413,18 @@ def dat_base(pretrained: bool = False, **kwargs) -> DeformableAttentionTransform
 @register_model
 def dat_base_384(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
     return _create('dat_base_384', pretrained, **kwargs)
+
+
+@register_model
+def dat_pp_tiny(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_pp_tiny', pretrained, **kwargs)
+
+
+@register_model
+def dat_pp_small(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_pp_small', pretrained, **kwargs)
+
+
+@register_model
+def dat_pp_base(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_pp_base', pretrained, **kwargs)
