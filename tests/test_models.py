@@ -13,19 +13,24 @@ def narrow_model(name='dat_tiny', **kwargs):
 
 
 def test_every_registered_architecture_has_tags_and_cfg():
-    for name in ('dat_tiny', 'dat_small', 'dat_base', 'dat_base_384'):
+    for name in ('dat_tiny', 'dat_small', 'dat_base', 'dat_base_384', 'dat_pp_tiny', 'dat_pp_small', 'dat_pp_base'):
         assert name in timm.list_models('dat*')
         assert f'{name}.in1k' in timm.list_pretrained(f'{name}*')
     cfg = timm.get_pretrained_cfg('dat_base_384')
     assert cfg.input_size == (3, 384, 384) and cfg.pool_size == (12, 12) and cfg.crop_pct == 1.0
+    cfg = timm.get_pretrained_cfg('dat_pp_base.in1k_384')
+    assert cfg.input_size == (3, 384, 384) and cfg.first_conv == 'stem.conv1' and 'arXiv:2309.01430' in cfg.paper_ids
+    assert timm.create_model('dat_pp_base.in1k_384', device='meta').stages[0].blocks[1].attn.rpe_table.shape == \
+        (4, 191, 191)  # position tables of the 384 training resolution
     cfg = timm.get_pretrained_cfg('dat_tiny')
     assert cfg.first_conv == 'stem.conv' and cfg.classifier == 'head.fc' and cfg.interpolation == 'bicubic'
     assert cfg.mean == (0.485, 0.456, 0.406) and cfg.license == 'apache-2.0' and 'arXiv:2201.00520' in cfg.paper_ids
 
 
+@pytest.mark.parametrize('family', ['dat_tiny', 'dat_pp_tiny'])
 @pytest.mark.parametrize('size', [(32, 32), (33, 47), (224, 224), (97, 161), (800, 1333)])
-def test_features_at_any_size(size):
-    model = timm.create_model('dat_tiny', features_only=True, **NARROW).eval()
+def test_features_at_any_size(family, size):
+    model = timm.create_model(family, features_only=True, **NARROW).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     assert model.feature_info.channels() == [16, 32, 64, 128]
     with torch.no_grad():
@@ -124,10 +129,11 @@ def test_optimizer_hooks():
     assert groups[0][0].startswith('stem.') and groups[len(groups) - 1] == ['head.fc.weight', 'head.fc.bias']
 
 
-def test_torchscript_and_fx_match_eager():
+@pytest.mark.parametrize('family', ['dat_tiny', 'dat_pp_tiny'])
+def test_torchscript_and_fx_match_eager(family):
     from timm.models import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor
-    model = narrow_model()
+    model = narrow_model(family)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -150,8 +156,9 @@ def test_bfloat16_and_meta_device():
     (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), 'floating-point'),
     (torch.randn(1, 3, MIN_INPUT_SIZE - 1, 64), 'too small'),
 ])
-def test_bad_input_is_named(bad_input, message):
-    model = narrow_model()
+@pytest.mark.parametrize('family', ['dat_tiny', 'dat_pp_tiny'])
+def test_bad_input_is_named(family, bad_input, message):
+    model = narrow_model(family)
     with pytest.raises(ValueError, match=message):
         model(bad_input)
     with pytest.raises(ValueError, match=message):
