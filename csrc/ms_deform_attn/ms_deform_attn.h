@@ -26,18 +26,23 @@ struct LevelLayout {
   std::vector<int64_t> start;
 };
 
-// Checks ranks, sizes, dtypes and devices of the forward inputs and returns the problem size.
-ProblemSize check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                         const at::Tensor& attention_weights);
+// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous.
+struct Inputs {
+  ProblemSize size;
+  LevelLayout layout;
+  at::Tensor value;
+  at::Tensor sampling_locations;
+  at::Tensor attention_weights;
+};
+
+// Checks ranks, sizes, dtypes and devices of the forward inputs, and that the levels tile the value
+// exactly: positive sizes, starts at the running sum of H * W, total S. Reading the level geometry is
+// a device-to-host copy when it lives on a GPU.
+Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
 
 // Checks grad_output against the problem size (dtype, device and shape (N, Lq, M * D)).
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const ProblemSize& size);
-
-// Reads the level geometry (a device-to-host copy when it lives on a GPU) and checks that the levels
-// tile the value exactly: positive sizes, starts at the running sum of H * W, total S.
-LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                              const ProblemSize& size);
 
 }  // namespace ms_deform_attn
 }  // namespace dat

@@ -74,6 +74,15 @@ C10_HOST_DEVICE inline BilinearStencil<acc_t> bilinear_stencil(acc_t x, acc_t y,
   return stencil;
 }
 
+// The stencil of sample `sample` (its index in the flattened (N, Lq, M, L, P) sample grid), whose
+// location is the pair locations[2 * sample], locations[2 * sample + 1].
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline BilinearStencil<acc_t> sample_stencil(const scalar_t* locations, int64_t sample,
+                                                              int64_t height, int64_t width) {
+  return bilinear_stencil<acc_t>(static_cast<acc_t>(locations[2 * sample]),
+                                 static_cast<acc_t>(locations[2 * sample + 1]), height, width);
+}
+
 template <typename acc_t>
 struct SampleGradients {
   acc_t attention_weight;

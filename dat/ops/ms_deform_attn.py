@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._extension import IMPL_ENV, native_op_available, resolve_impl
+from ._extension import IMPL_ENV, resolve_impl
 
 OP_NAME = 'ms_deform_attn'
 FUSED_DTYPES = {
@@ -95,9 +95,18 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return output.reshape(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
-def fused_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """True when the fused op is built for `device_type` and its kernel takes `dtype`."""
-    return native_op_available(OP_NAME, device_type) and dtype in FUSED_DTYPES.get(device_type, ())
+# Evaluated once while torch.compile traces (dynamo cannot trace the dispatcher query inside), so a
+# compiled graph keeps the choice made when it was traced.
+@torch.compiler.assume_constant_result
+def choose_impl(impl: Optional[str], device_type: str, dtype: torch.dtype) -> str:
+    """'fused' or 'reference': `resolve_impl`, plus 'auto' falling back for dtypes the kernel does not take."""
+    choice = resolve_impl(impl, OP_NAME, device_type)
+    if choice == 'fused' and dtype not in FUSED_DTYPES.get(device_type, ()):
+        if (impl or os.environ.get(IMPL_ENV) or 'auto').lower() != 'auto':
+            raise RuntimeError(f'fused dat::{OP_NAME} on {device_type} supports '
+                               f'{[str(d) for d in FUSED_DTYPES.get(device_type, ())]}, got {dtype}')
+        choice = 'reference'
+    return choice
 
 
 def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, sampling_locations,
@@ -108,15 +117,7 @@ def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, s
     or 'reference'; None defers to $DAT_ATTN_IMPL.
     """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    device_type = value.device.type
-    choice = resolve_impl(impl, OP_NAME, device_type)
-    if choice == 'fused' and value.dtype not in FUSED_DTYPES.get(device_type, ()):
-        if (impl or os.environ.get(IMPL_ENV) or 'auto').lower() == 'auto':
-            choice = 'reference'
-        else:
-            raise RuntimeError(f'fused dat::{OP_NAME} on {device_type} supports '
-                               f'{[str(d) for d in FUSED_DTYPES.get(device_type, ())]}, got {value.dtype}')
-    if choice == 'fused':
+    if choose_impl(impl, value.device.type, value.dtype) == 'fused':
         return torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                             attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,

@@ -45,8 +45,8 @@ void forward_kernel(const scalar_t* value, const scalar_t* locations, const scal
               value + ((batch * size.value_len + layout.start[level]) * heads + head) * channels;
           for (int64_t point = 0; point < points; ++point) {
             const int64_t sample = head_sample + level * points + point;
-            const auto stencil = bilinear_stencil<acc_t>(locations[2 * sample], locations[2 * sample + 1],
-                                                         layout.height[level], layout.width[level]);
+            const auto stencil =
+                sample_stencil<acc_t>(locations, sample, layout.height[level], layout.width[level]);
             const acc_t attention = weights[sample];
             for (int k = 0; k < kTaps; ++k) {
               if (!stencil.inside[k]) continue;
@@ -83,8 +83,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const s
         const scalar_t* grad_out = grad_output + row * channels;
         for (int64_t point = 0; point < points; ++point) {
           const int64_t sample = (row * levels + level) * points + point;
-          const auto stencil = bilinear_stencil<acc_t>(locations[2 * sample], locations[2 * sample + 1],
-                                                       layout.height[level], layout.width[level]);
+          const auto stencil =
+              sample_stencil<acc_t>(locations, sample, layout.height[level], layout.width[level]);
           const acc_t attention = weights[sample];
           acc_t tap_dot[kTaps] = {0, 0, 0, 0};
           for (int k = 0; k < kTaps; ++k) {
@@ -111,24 +111,20 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const s
 }
 
 void check_cpu_dtype(const at::Tensor& value) {
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
+  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+                   "ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights) {
-  const ProblemSize size =
-      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu_dtype(value);
-  const LevelLayout layout = read_level_layout(spatial_shapes, level_start_index, size);
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.contiguous();
-  const at::Tensor weights_c = attention_weights.contiguous();
+  const ProblemSize& size = in.size;
   at::Tensor output = at::empty({size.batch, size.queries, size.heads * size.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    forward_kernel<scalar_t>(value_c.data_ptr<scalar_t>(), locations_c.data_ptr<scalar_t>(),
-                             weights_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), layout, size);
+    forward_kernel<scalar_t>(in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<scalar_t>(),
+                             in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), in.layout, size);
   });
   return output;
 }
@@ -136,23 +132,18 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const ProblemSize size =
-      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu_dtype(value);
-  check_grad_output(grad_output, value, size);
-  const LevelLayout layout = read_level_layout(spatial_shapes, level_start_index, size);
+  check_grad_output(grad_output, value, in.size);
   const at::Tensor grad_output_c = grad_output.contiguous();
-  const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.contiguous();
-  const at::Tensor weights_c = attention_weights.contiguous();
-  at::Tensor grad_value = at::zeros_like(value_c);
-  at::Tensor grad_locations = at::empty_like(locations_c);
-  at::Tensor grad_weights = at::empty_like(weights_c);
+  at::Tensor grad_value = at::zeros_like(in.value);
+  at::Tensor grad_locations = at::empty_like(in.sampling_locations);
+  at::Tensor grad_weights = at::empty_like(in.attention_weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_output_c.data_ptr<scalar_t>(), value_c.data_ptr<scalar_t>(),
-                              locations_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(),
+    backward_kernel<scalar_t>(grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+                              in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
                               grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<scalar_t>(),
-                              grad_weights.data_ptr<scalar_t>(), layout, size);
+                              grad_weights.data_ptr<scalar_t>(), in.layout, in.size);
   });
   return {grad_value, grad_locations, grad_weights};
 }

@@ -1,0 +1,2 @@
+"""Layers built on the dat ops."""
+from .ms_deform_attn import MSDeformAttn
