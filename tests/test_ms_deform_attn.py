@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dat.layers import MSDeformAttn
+from dat.layers import MSDeformAttn, level_pixel_centres
 from dat.ops import multi_scale_deformable_attention
 from dat.ops.ms_deform_attn import ms_deform_attn_reference
 from dat.ops._extension import native_op_available
@@ -334,6 +334,13 @@ def test_msdeformattn_rejects_indivisible_heads():
         MSDeformAttn(d_model=30, n_heads=8)
 
 
+def test_level_pixel_centres():
+    centres = level_pixel_centres(torch.tensor([[2, 3], [1, 1]]))
+    expected = torch.tensor([[1 / 6, 1 / 4], [3 / 6, 1 / 4], [5 / 6, 1 / 4], [1 / 6, 3 / 4], [3 / 6, 3 / 4],
+                             [5 / 6, 3 / 4], [1 / 2, 1 / 2]])
+    torch.testing.assert_close(centres, expected)
+
+
 class EncoderLayer(nn.Module):
     """Deformable DETR's encoder layer: deformable self-attention over the pyramid, then an FFN."""
 
@@ -350,17 +357,6 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + self.ffn(src))
 
 
-def encoder_reference_points(spatial_shapes, batch):
-    """Pixel centres of every level, normalised, used as the reference point on every level."""
-    centres = []
-    for height, width in spatial_shapes.tolist():
-        y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width,
-                              indexing='ij')
-        centres.append(torch.stack([x.reshape(-1), y.reshape(-1)], -1))
-    points = torch.cat(centres)
-    return points[None, :, None, :].expand(batch, -1, len(centres), -1)
-
-
 def test_deformable_detr_encoder_forward_backward():
     torch.manual_seed(0)
     d_model, levels = 64, 3
@@ -375,7 +371,7 @@ def test_deformable_detr_encoder_forward_backward():
     pos = torch.randn(batch, pixels, d_model) * 0.1
     padding_mask = torch.zeros(batch, pixels, dtype=torch.bool)
     padding_mask[1, starts[0] + 40 * 28:starts[1]] = True  # the second image is shorter
-    reference_points = encoder_reference_points(shapes, batch)
+    reference_points = level_pixel_centres(shapes)[None, :, None, :].expand(batch, -1, levels, -1)
 
     def run(impl):
         encoder.zero_grad()

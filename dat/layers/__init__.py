@@ -1,2 +1,2 @@
 """Layers built on the dat ops."""
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, level_pixel_centres

@@ -8,6 +8,17 @@ from torch import nn
 from dat.ops.ms_deform_attn import multi_scale_deformable_attention
 
 
+def level_pixel_centres(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(S, 2) normalised (x, y) centres of every pixel of every level, in the flattened value's order:
+    the reference points of a Deformable DETR encoder, whose queries are the pixels themselves."""
+    centres = []
+    for height, width in spatial_shapes.tolist():
+        y, x = torch.meshgrid((torch.arange(height, dtype=torch.float32) + 0.5) / height,
+                              (torch.arange(width, dtype=torch.float32) + 0.5) / width, indexing='ij')
+        centres.append(torch.stack([x.reshape(-1), y.reshape(-1)], -1))
+    return torch.cat(centres).to(spatial_shapes.device)
+
+
 class MSDeformAttn(nn.Module):
     """Each query attends to `n_points` sampled points per head and per feature level.
 
