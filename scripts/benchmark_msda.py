@@ -2,7 +2,8 @@
 
 Four levels from an 800x1333 image (strides 8/16/32/64), d_model 256 in 8 heads (32 channels),
 4 points per level, batch 1; 300 and 900 queries (the decoder) and one query per pixel (the encoder).
-Times forward and forward+backward (median of --repeats) and the peak memory of one call:
+Times forward and forward+backward (the best of --repeats calls: on a shared machine the
+fastest call is the least disturbed one) and the peak memory of one call:
 `torch.cuda.max_memory_allocated` on a GPU; on the CPU the growth of the process's peak resident
 memory over one call, measured in a fresh subprocess per row (Linux only).
 
@@ -12,7 +13,6 @@ memory over one call, measured in a fresh subprocess per row (Linux only).
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -89,7 +89,7 @@ def time_step(step, device, warmup, repeats):
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_memory_cuda(step):
@@ -159,7 +159,7 @@ def main():
     device_name = torch.cuda.get_device_name() if on_gpu else f'CPU, {torch.get_num_threads()} threads'
     print(f'# multi-scale deformable attention, {device_name}, torch {torch.__version__}')
     print(f'# levels {LEVEL_SHAPES} (S={VALUE_LEN}), heads {HEADS}, channels {CHANNELS}, points {POINTS}, batch 1; '
-          f'median of {repeats} after {warmup} warm-up')
+          f'best of {repeats} after {warmup} warm-up')
     header = (f'{"case":<12} {"queries":>7} {"dtype":<8} {"mode":<16} {"reference ms":>12} {"fused ms":>9} '
               f'{"speed-up":>8} {"ref MiB":>8} {"fused MiB":>9} {"mem ratio":>9}')
     print(header)

@@ -245,7 +245,8 @@ def test_fused_cuda_channels_above_warp_size():
     # 80 channels: lanes stride over more than one channel each, with a partial last stride.
     value, shapes, starts, locations, weights = make_inputs(DECODER_SHAPES[:2], 1, 40, 2, 80, 3, seed=8)
     inputs = [t.cuda().requires_grad_() for t in (value, locations, weights)]
-    actual = torch.ops.dat.ms_deform_attn(inputs[0], shapes.cuda(), starts.cuda(), inputs[1], inputs[2])
+    # The level geometry may stay on the host.
+    actual = torch.ops.dat.ms_deform_attn(inputs[0], shapes, starts, inputs[1], inputs[2])
     expected = ms_deform_attn_reference(inputs[0], shapes.cuda(), starts.cuda(), inputs[1], inputs[2])
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     grad_output = torch.randn_like(actual)
@@ -357,19 +358,21 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + self.ffn(src))
 
 
-def test_deformable_detr_encoder_forward_backward():
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_fused_cuda)])
+def test_deformable_detr_encoder_forward_backward(device):
     torch.manual_seed(0)
     d_model, levels = 64, 3
-    shapes, starts = _pyramid((256, 320), (8, 16, 32))  # 32x40, 16x20, 8x10
+    shapes, starts = (t.to(device) for t in _pyramid((256, 320), (8, 16, 32)))  # 32x40, 16x20, 8x10
     encoder = nn.ModuleList(EncoderLayer(d_model, levels, n_heads=8, n_points=4, d_ffn=128) for _ in range(2))
     for layer in encoder:
         # Query-dependent offsets, so sampling locations are generic rather than on pixel centres.
         nn.init.normal_(layer.self_attn.sampling_offsets.weight, std=0.05)
         nn.init.normal_(layer.self_attn.attention_weights.weight, std=0.05)
+    encoder.to(device)
     batch, pixels = 2, int(shapes.prod(1).sum())
-    src = torch.randn(batch, pixels, d_model)
-    pos = torch.randn(batch, pixels, d_model) * 0.1
-    padding_mask = torch.zeros(batch, pixels, dtype=torch.bool)
+    src = torch.randn(batch, pixels, d_model, device=device)
+    pos = torch.randn(batch, pixels, d_model, device=device) * 0.1
+    padding_mask = torch.zeros(batch, pixels, dtype=torch.bool, device=device)
     padding_mask[1, starts[0] + 40 * 28:starts[1]] = True  # the second image is shorter
     reference_points = level_pixel_centres(shapes)[None, :, None, :].expand(batch, -1, levels, -1)
 

@@ -143,7 +143,7 @@ def _register_op_extras() -> None:
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
         grad_value, grad_locations, grad_weights = torch.ops.dat.ms_deform_attn_backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return grad_value, None, None, grad_locations, grad_weights
 
     torch.library.register_autograd('dat::ms_deform_attn', backward, setup_context=setup_context)
