@@ -130,20 +130,24 @@ def test_fused_cpu_non_contiguous_inputs():
                                ms_deform_attn_reference(value, shapes, starts, locations, weights))
 
 
-@needs_fused_cpu
-def test_opcheck():
-    value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 2, 3, 2, 4, 2, dtype=torch.float32, seed=5)
+FUSED_DEVICES = [pytest.param('cpu', marks=needs_fused_cpu), pytest.param('cuda', marks=needs_fused_cuda)]
+
+
+@pytest.mark.parametrize('device', FUSED_DEVICES)
+def test_opcheck(device):
+    value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 2, 3, 2, 4, 2, dtype=torch.float32,
+                                                            device=device, seed=5)
     args = (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_())
     torch.library.opcheck(torch.ops.dat.ms_deform_attn.default, args)
-    grad_output = torch.randn(2, 3, 8)
+    grad_output = torch.randn(2, 3, 8, device=device)
     torch.library.opcheck(torch.ops.dat.ms_deform_attn_backward.default,
                           (grad_output,) + tuple(a.detach() for a in args))
 
 
-@needs_fused_cpu
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize('device', FUSED_DEVICES)
+def test_torch_compile_fullgraph(device):
     value, shapes, starts, locations, weights = make_inputs(DECODER_SHAPES[:3], 2, 16, 4, 8, 2,
-                                                            dtype=torch.float32, seed=6)
+                                                            dtype=torch.float32, device=device, seed=6)
 
     def attend(value, logits, weight_logits):
         return multi_scale_deformable_attention(value * 2, shapes, starts, logits.sigmoid(), weight_logits.softmax(-1),
