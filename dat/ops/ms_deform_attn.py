@@ -114,7 +114,9 @@ def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, s
     """Dispatch to the fused `dat::ms_deform_attn` op or the reference (see the module docstring).
 
     `impl` is 'auto' (fused where built for the device and dtype), 'fused' (an error where it is not)
-    or 'reference'; None defers to $DAT_ATTN_IMPL.
+    or 'reference'; None defers to $DAT_ATTN_IMPL. Both read `spatial_shapes` and `level_start_index`
+    on the host: keeping them on the CPU saves a device-to-host copy per call on a GPU. The CUDA
+    kernel takes at most 16 levels.
     """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if choose_impl(impl, value.device.type, value.dtype) == 'fused':
