@@ -1,0 +1,48 @@
+// Input checks and problem sizes shared by the CPU and CUDA kernels of dat::ms_deform_attn.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace dat {
+namespace ms_deform_attn {
+
+struct ProblemSize {
+  int64_t batch;     // N
+  int64_t value_len; // S, all levels flattened
+  int64_t heads;     // M
+  int64_t channels;  // D, per head
+  int64_t queries;   // Lq
+  int64_t levels;    // L
+  int64_t points;    // P, per level
+};
+
+// Where each level lives inside the flattened value, read to the host.
+struct LevelLayout {
+  std::vector<int64_t> height;
+  std::vector<int64_t> width;
+  std::vector<int64_t> start;
+};
+
+// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous.
+struct Inputs {
+  ProblemSize size;
+  LevelLayout layout;
+  at::Tensor value;
+  at::Tensor sampling_locations;
+  at::Tensor attention_weights;
+};
+
+// Checks ranks, sizes, dtypes and devices of the forward inputs, and that the levels tile the value
+// exactly: positive sizes, starts at the running sum of H * W, total S. Reading the level geometry is
+// a device-to-host copy when it lives on a GPU.
+Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
+
+// Checks grad_output against the problem size (dtype, device and shape (N, Lq, M * D)).
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const ProblemSize& size);
+
+}  // namespace ms_deform_attn
+}  // namespace dat

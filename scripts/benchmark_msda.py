@@ -1,0 +1,183 @@
+"""Fused `dat::ms_deform_attn` vs the pure-PyTorch reference, at Deformable DETR's usual sizes.
+
+Four levels from an 800x1333 image (strides 8/16/32/64), d_model 256 in 8 heads (32 channels),
+4 points per level, batch 1; 300 and 900 queries (the decoder) and one query per pixel (the encoder).
+Times forward and forward+backward (the best of --repeats calls: on a shared machine the
+fastest call is the least disturbed one) and the peak memory of one call:
+`torch.cuda.max_memory_allocated` on a GPU; on the CPU the growth of the process's peak resident
+memory over one call, measured in a fresh subprocess per row (Linux only).
+
+    OMP_NUM_THREADS=2 python scripts/benchmark_msda.py
+    python scripts/benchmark_msda.py --device cuda --dtypes float32 float16
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from dat.layers import level_pixel_centres  # noqa: E402
+from dat.ops.ms_deform_attn import multi_scale_deformable_attention  # noqa: E402
+
+LEVEL_SHAPES = [(100, 167), (50, 84), (25, 42), (13, 21)]
+HEADS, CHANNELS, POINTS = 8, 32, 4
+SPREAD_PIXELS = 4.0  # standard deviation of the sampling offsets, in pixels of each level
+VALUE_LEN = sum(h * w for h, w in LEVEL_SHAPES)
+CASES = {'decoder-300': 300, 'decoder-900': 900, 'encoder': VALUE_LEN}
+IMPLS = ('reference', 'fused')
+MODES = ('forward', 'forward+backward')
+
+
+def make_inputs(case, dtype, device, seed=0):
+    queries = CASES[case]
+    generator = torch.Generator().manual_seed(seed)
+    # The level geometry stays on the host: neither implementation then waits on the GPU to read it.
+    spatial_shapes = torch.tensor(LEVEL_SHAPES, dtype=torch.int64)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    levels = len(LEVEL_SHAPES)
+    value = torch.randn(1, VALUE_LEN, HEADS, CHANNELS, generator=generator)
+    # Like a trained model's: each query samples a few pixels (of every level) around a reference point.
+    if case == 'encoder':  # one query per pixel, at its own centre
+        reference = level_pixel_centres(spatial_shapes)
+    else:
+        reference = torch.rand(queries, 2, generator=generator)
+    pixel_size = 1 / spatial_shapes.flip(-1).float().view(1, 1, levels, 1, 2)
+    offsets = torch.randn(queries, HEADS, levels, POINTS, 2, generator=generator) * SPREAD_PIXELS * pixel_size
+    locations = (reference.view(queries, 1, 1, 1, 2) + offsets).unsqueeze(0)
+    weights = torch.rand(1, queries, HEADS, levels * POINTS, generator=generator).softmax(-1)
+    weights = weights.view(1, queries, HEADS, levels, POINTS)
+    value, locations, weights = (t.to(device=device, dtype=dtype) for t in (value, locations, weights))
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+def make_step(case, impl, mode, dtype, device):
+    """A closure running one call of `mode`, with its inputs already built."""
+    value, shapes, starts, locations, weights = make_inputs(case, dtype, device)
+    if mode == 'forward':
+        def step():
+            with torch.no_grad():
+                return multi_scale_deformable_attention(value, shapes, starts, locations, weights, impl=impl)
+        return step
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    grad_output = torch.randn(1, CASES[case], HEADS * CHANNELS, dtype=dtype, device=device)
+
+    def step():
+        output = multi_scale_deformable_attention(inputs[0], shapes, starts, inputs[1], inputs[2], impl=impl)
+        output.backward(grad_output)
+        for t in inputs:  # gradients die with the call, so no call starts with the last one's alive
+            t.grad = None
+    return step
+
+
+def synchronize(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_step(step, device, warmup, repeats):
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_memory_cuda(step):
+    step()  # first call allocates the autograd and allocator state outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+def peak_memory_cpu(case, impl, mode, dtype):
+    """Peak resident memory added by one call, measured in a fresh process (see `measure_cpu_memory`)."""
+    command = [sys.executable, os.path.abspath(__file__), '--measure-cpu-memory', case, impl, mode, '--dtypes', dtype]
+    # A fixed mmap threshold makes glibc map every tensor-sized block on its own and unmap it when it
+    # is freed, so freed memory does not stay resident and hide the next call's allocations.
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
+    return json.loads(result.stdout.strip().splitlines()[-1])['peak_bytes']
+
+
+def resident_kib(field):
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'/proc/self/status has no {field}')
+
+
+def measure_cpu_memory(case, impl, mode, dtype):
+    """After a warm-up call, reset the process's peak resident size (Linux: /proc/self/clear_refs)
+    and report how far one more call raises it above the resident size before it."""
+    step = make_step(case, impl, mode, getattr(torch, dtype), 'cpu')
+    step()
+    with open('/proc/self/clear_refs', 'w') as clear_refs:
+        clear_refs.write('5')
+    before = resident_kib('VmRSS')
+    step()
+    print(json.dumps({'peak_bytes': (resident_kib('VmHWM') - before) * 1024}))
+
+
+def memory_ratio(reference_bytes, fused_bytes):
+    # Resident-size growth below a MiB is within the kernel's lazy RSS accounting: no ratio.
+    if min(reference_bytes, fused_bytes) < 2**20:
+        return 'n/a'
+    return f'{reference_bytes / fused_bytes:.1f}x'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 (cpu), float32 float16 (cuda)')
+    parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--repeats', type=int, default=None, help='timed calls per row (default 5 cpu, 50 cuda)')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed calls first (default 1 cpu, 10 cuda)')
+    parser.add_argument('--measure-cpu-memory', nargs=3, metavar=('CASE', 'IMPL', 'MODE'), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_cpu_memory:
+        measure_cpu_memory(*args.measure_cpu_memory, args.dtypes[0])
+        return
+
+    on_gpu = args.device == 'cuda'
+    dtypes = args.dtypes or (['float32', 'float16'] if on_gpu else ['float32'])
+    repeats = args.repeats or (50 if on_gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    device_name = torch.cuda.get_device_name() if on_gpu else f'CPU, {torch.get_num_threads()} threads'
+    print(f'# multi-scale deformable attention, {device_name}, torch {torch.__version__}')
+    print(f'# levels {LEVEL_SHAPES} (S={VALUE_LEN}), heads {HEADS}, channels {CHANNELS}, points {POINTS}, batch 1; '
+          f'best of {repeats} after {warmup} warm-up')
+    header = (f'{"case":<12} {"queries":>7} {"dtype":<8} {"mode":<16} {"reference ms":>12} {"fused ms":>9} '
+              f'{"speed-up":>8} {"ref MiB":>8} {"fused MiB":>9} {"mem ratio":>9}')
+    print(header)
+    print('-' * len(header))
+    for dtype in dtypes:
+        for case in args.cases:
+            for mode in MODES:
+                seconds, peaks = {}, {}
+                for impl in IMPLS:
+                    step = make_step(case, impl, mode, getattr(torch, dtype), args.device)
+                    seconds[impl] = time_step(step, args.device, warmup, repeats)
+                    peaks[impl] = peak_memory_cuda(step) if on_gpu else peak_memory_cpu(case, impl, mode, dtype)
+                    del step
+                print(f'{case:<12} {CASES[case]:>7} {dtype:<8} {mode:<16} {seconds["reference"] * 1e3:>12.2f} '
+                      f'{seconds["fused"] * 1e3:>9.2f} {seconds["reference"] / seconds["fused"]:>7.1f}x '
+                      f'{peaks["reference"] / 2**20:>8.1f} {peaks["fused"] / 2**20:>9.1f} '
+                      f'{memory_ratio(peaks["reference"], peaks["fused"]):>9}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
