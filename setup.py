@@ -26,9 +26,21 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'csrc', pattern), recursive=True))
 
 
+def _locate_cuda_home():
+    """torch guesses CUDA_HOME from the directory above `nvcc` on PATH; where that is a wrapper script (as
+    /usr/local/bin/nvcc is here) the guess has no libraries, so prefer a toolkit folder that has them."""
+    if 'CUDA_HOME' in os.environ or 'CUDA_PATH' in os.environ:
+        return
+    for candidate in ('/usr/local/cuda',):
+        if os.path.isfile(os.path.join(candidate, 'bin', 'nvcc')):
+            os.environ['CUDA_HOME'] = candidate
+            return
+
+
 def _extensions():
     if _flag('DAT_BUILD_EXT', '1') in ('0', 'false', 'no'):
         return [], {}
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
