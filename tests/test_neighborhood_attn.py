@@ -1,4 +1,6 @@
 """Neighborhood attention: reference and fused op against a brute-force definition and each other."""
+import functools
+
 import pytest
 import torch
 
@@ -52,11 +54,17 @@ def make_inputs(B, M, H, W, D, kernel_size, dtype=torch.float64, device='cpu', r
 IMPLS = ['reference', pytest.param('fused', marks=needs_fused_cpu)]
 
 
+@functools.lru_cache(maxsize=None)
+def brute_force_case(H, W, kernel_size, dilation):
+    """Inputs and brute-force output of one geometry, shared by the reference and fused tests."""
+    inputs = make_inputs(2, 2, H, W, 3, kernel_size)
+    return inputs, brute_force_attention(*inputs, kernel_size, dilation, scale=0.7)
+
+
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('H, W, kernel_size, dilation', GEOMETRIES)
 def test_matches_brute_force(impl, H, W, kernel_size, dilation):
-    q, k, v, rpb = make_inputs(2, 2, H, W, 3, kernel_size)
-    expected = brute_force_attention(q, k, v, rpb, kernel_size, dilation, scale=0.7)
+    (q, k, v, rpb), expected = brute_force_case(H, W, kernel_size, dilation)
     out = neighborhood_attention(q, k, v, rpb, kernel_size, dilation, scale=0.7, impl=impl)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
