@@ -21,3 +21,13 @@ def official_fixture(name: str) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (scripts/ is not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'dat_script_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
