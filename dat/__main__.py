@@ -20,12 +20,13 @@ import dat  # noqa: F401 - registers the models
 DEMO_MODEL = 'dat_nano.digits'
 
 
-def count_gmacs(model_name: str) -> float:
-    """Multiply-accumulates of one forward pass at the default input size, counted on the meta device."""
-    model = timm.create_model(model_name, device='meta').eval()
-    image = torch.empty(1, *model.pretrained_cfg['input_size'], device='meta')
-    with FlopCounterMode(display=False) as counter:
-        model(image)
+def count_gmacs(model: torch.nn.Module) -> float:
+    """Multiply-accumulates of one forward pass at the model's default input size (a meta-device model costs
+    nothing to count)."""
+    device = next(model.parameters()).device
+    image = torch.empty(1, *model.pretrained_cfg['input_size'], device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(image)
     return counter.get_total_flops() / 2e9
 
 
@@ -39,7 +40,7 @@ def print_zoo() -> None:
         channels = [info['num_chs'] for info in model.feature_info]
         reductions = [info['reduction'] for info in model.feature_info]
         tags = ', '.join(tag.split('.', 1)[1] for tag in timm.list_models(name, pretrained=True))
-        print(f'{name:<16}{params:>12.2f}{count_gmacs(name):>8.2f}  {size:<12}{str(channels):<24}'
+        print(f'{name:<16}{params:>12.2f}{count_gmacs(model):>8.2f}  {size:<12}{str(channels):<24}'
               f'{str(reductions):<16}{tags}')
 
 

@@ -57,7 +57,7 @@ class WeightSource:
         if self.kind == 'hf-hub':
             return f'Hugging Face Hub {self.location} ({self.filename})'
         if self.kind == 'url':
-            return f'official release {self.location} (cached as {self.filename})'
+            return f'download {self.location} (cached as {self.filename})'
         if self.kind == 'file':
             return f'local file {self.location}'
         return 'the state dict given in pretrained_cfg'
@@ -188,17 +188,15 @@ def failure_reason(error: BaseException) -> str:
     return f'{kind}: {error}'
 
 
-def _manual_instructions(pretrained_cfg: Mapping, architecture: str) -> str:
-    entry = manifest_entry(pretrained_cfg)
-    url = pretrained_cfg.get('url') or entry.get('official_url')
-    filename = entry.get('official_filename') or 'checkpoint.pth'
+def _manual_instructions(sources: List[WeightSource], architecture: str) -> str:
+    download = next((source for source in sources if source.kind == 'url'), None)
+    filename = download.filename if download else 'checkpoint.pth'
     lines = ['To load the weights by hand:']
-    if url:
-        lines.append(f'  download {url} as {filename}, then either')
+    if download:
+        lines.append(f'  download {download.location} as {filename}, then either')
     lines += [f"  timm.create_model('{architecture}', pretrained=True, "
               f"pretrained_cfg_overlay=dict(file='{filename}'))  # official or converted file, or",
-              f"  dat.official.load_official('<official config>.yaml', '{filename}')  # with the official YAML config",
-              '(set HF_HUB_OFFLINE=1 to use only what is in the Hugging Face cache)']
+              f"  dat.official.load_official('<official config>.yaml', '{filename}')  # with the official YAML config"]
     return '\n'.join(lines)
 
 
@@ -233,4 +231,4 @@ def load_pretrained_weights(model: torch.nn.Module, pretrained_cfg: Mapping) -> 
         return source
     report = '\n'.join(f'  {i}. {source.describe()}: {reason}' for i, (source, reason) in enumerate(failures, 1))
     raise PretrainedWeightsError(f'could not load the pretrained weights of {architecture}; every source failed:\n'
-                                 f'{report}\n{_manual_instructions(pretrained_cfg, architecture)}')
+                                 f'{report}\n{_manual_instructions(sources, architecture)}')

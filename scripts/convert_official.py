@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from dat.__main__ import count_gmacs  # noqa: E402
 from dat.checkpoint import checkpoint_filter_fn, load_checkpoint_file, unwrap_state_dict  # noqa: E402
 from dat.models import MODEL_CONFIGS, DeformableAttentionTransformer  # noqa: E402
-from dat.official import load_official  # noqa: E402
+from dat.official import load_official, model_args_from_official, official_model_section  # noqa: E402
 from dat.pretrained import file_sha256  # noqa: E402
 from dat.weights import bundled_path, manifest  # noqa: E402
 
@@ -39,11 +39,12 @@ def classifier_size(state_dict: dict) -> int:
     raise ValueError('the checkpoint has no classifier (cls_head.weight / head.fc.weight)')
 
 
-def reference_model(checkpoint: dict, architecture: str, config: Optional[Path], num_classes: int):
+def reference_model(checkpoint: dict, architecture: str, config: Optional[Path], num_classes: int, img_size):
     """The original checkpoint, loaded without the timm pretrained path that the converted file goes through."""
     if config is not None:
         return load_official(config, checkpoint)
-    model = DeformableAttentionTransformer(**dict(MODEL_CONFIGS[architecture], num_classes=num_classes))
+    model = DeformableAttentionTransformer(**dict(MODEL_CONFIGS[architecture], num_classes=num_classes,
+                                                  img_size=img_size))
     model.load_state_dict(checkpoint_filter_fn(checkpoint, model))
     return model.eval()
 
@@ -53,19 +54,21 @@ def fixed_input(model) -> torch.Tensor:
     return torch.randn(2, *model.pretrained_cfg['input_size'], generator=generator)
 
 
-def write_model_card(folder: Path, model, tag: str, repo_id: str, max_abs_diff: float, checkpoint: Path) -> None:
+def write_model_card(folder: Path, model, tag: str, repo_id: str, max_abs_diff: float, checkpoint: Path,
+                     model_args: dict) -> None:
     cfg = model.pretrained_cfg
     entry = dict(manifest().get(tag, {}))
     architecture = cfg['architecture']
     values = dict(
         entry, tag=tag, repo_id=repo_id, architecture=architecture,
         family='DAT++' if entry.get('generation', MODEL_CONFIGS[architecture]['generation']) == 'dat_pp' else 'DAT',
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=count_gmacs(architecture),
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+        gmacs=count_gmacs(timm.create_model(architecture, device='meta', **model_args)),
         input_size='x'.join(map(str, cfg['input_size'][1:])), crop_pct=cfg['crop_pct'],
         interpolation=cfg['interpolation'], mean=tuple(cfg['mean']), std=tuple(cfg['std']),
         dataset=entry.get('dataset', 'unknown'), license=entry.get('license', cfg.get('license', 'unknown')),
         paper=entry.get('paper', cfg.get('paper_ids', 'unknown')),
-        official_url=entry.get('official_url') or 'none', official_filename=checkpoint.name,
+        official_url=entry.get('official_url') or 'no public URL', official_filename=checkpoint.name,
         official_sha256=file_sha256(checkpoint), max_abs_diff=max_abs_diff)
     for key in ('top1', 'top5'):
         values[key] = 'n/a' if values.get(key) is None else values[key]
@@ -77,16 +80,20 @@ def convert(checkpoint_path: Path, model_name: str, out: Path, config: Optional[
             repo_id: Optional[str] = None, atol: float = 1e-5) -> float:
     """Write the Hub folder for `checkpoint_path` into `out`; returns the largest logit difference."""
     from safetensors.torch import save_file
-    from timm.models import save_config_for_hf
+    from timm.models._hub import save_config_for_hf  # timm exports it from its hub module only
     checkpoint = load_checkpoint_file(checkpoint_path)
     num_classes = classifier_size(unwrap_state_dict(checkpoint))
+    # a variant defined by an official YAML keeps its constructor arguments in config.json ('model_args'),
+    # which timm applies when the folder is loaded ('hf-hub:' / 'local-dir:' models)
+    model_args = model_args_from_official(official_model_section(config)) if config else {}
+    model_args['num_classes'] = num_classes
     overlay = dict(file=str(checkpoint_path), num_classes=num_classes)
-    converted = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
-                                  num_classes=num_classes).eval()
+    converted = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **model_args).eval()
     architecture, tag = converted.pretrained_cfg['architecture'], converted.pretrained_cfg['tag']
     full_tag = f'{architecture}.{tag}'
     repo_id = repo_id or manifest().get(full_tag, {}).get('hf_hub_id') or f'dat-zoo/{full_tag}'
-    reference = reference_model(checkpoint, architecture, config, num_classes)
+    reference = reference_model(checkpoint, architecture, config, num_classes,
+                                tuple(converted.pretrained_cfg['input_size'][1:]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}-', dir=out.parent))
@@ -101,7 +108,7 @@ def convert(checkpoint_path: Path, model_name: str, out: Path, config: Optional[
         if not max_abs_diff <= atol:
             raise RuntimeError(f'the converted weights do not reproduce the original logits: max abs difference '
                                f'{max_abs_diff:.3e} > {atol:g}; nothing was written to {out}')
-        write_model_card(staging, reloaded, full_tag, repo_id, max_abs_diff, checkpoint_path)
+        write_model_card(staging, reloaded, full_tag, repo_id, max_abs_diff, checkpoint_path, model_args)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

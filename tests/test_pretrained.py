@@ -3,50 +3,25 @@
 Every test runs with a private, empty Hugging Face cache in offline mode and a private torch.hub folder; the
 Hub "has" a repository only when a test lays it out in that cache, and official downloads are file:// URLs.
 """
-import json
 import logging
-import shutil
 
-import huggingface_hub.constants
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import official_fixture
+from conftest import add_to_hf_cache, official_mini_checkpoint
 from dat.checkpoint import CheckpointError
 from dat.official import load_official, model_args_from_official
 from dat.pretrained import PretrainedWeightsError, WeightSource, file_sha256, verify_file, weight_sources
 from dat.weights import manifest
 
 NARROW = dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), offset_groups=(1, 1, 2, 4))
-SNAPSHOT = '0123456789abcdef0123456789abcdef01234567'
 
 
 @pytest.fixture(autouse=True)
-def offline_caches(tmp_path, monkeypatch):
-    """Empty HF and torch.hub caches under tmp_path, and the Hub in offline mode."""
-    hub_cache = tmp_path / 'hf' / 'hub'
-    hub_cache.mkdir(parents=True)
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
-    monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    # huggingface_hub reads its environment once, at import: point the module's settings at the same values
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(hub_cache))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-    return hub_cache
-
-
-def add_to_hf_cache(hub_cache, repo_id: str, files: dict) -> None:
-    """Lay out `files` (name -> local path) as the main revision of `repo_id` in a Hugging Face cache."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(SNAPSHOT)
-    snapshot = repo / 'snapshots' / SNAPSHOT
-    snapshot.mkdir(parents=True)
-    for name, path in files.items():
-        shutil.copy(path, snapshot / name)
+def _offline(offline_caches):
+    return offline_caches
 
 
 def save_safetensors(model, path):
@@ -80,21 +55,8 @@ def test_features_only_and_a_new_classifier_keep_the_pretrained_body(tmp_path):
     assert torch.equal(five_classes.stem.conv.weight, trained.stem.conv.weight)
 
 
-def _official_narrow_checkpoint(tmp_path):
-    """An official-layout checkpoint ({'model': state_dict, 'config': ...}) of the narrow DAT in the shared
-    fixtures, with its config, input and the official logits."""
-    from safetensors import safe_open
-    handle = safe_open(str(official_fixture('dat_v1_mini_seed0.safetensors')), 'pt')
-    config = json.loads(handle.metadata()['config'])
-    state_dict = {key[len('model.'):]: handle.get_tensor(key) for key in handle.keys() if key.startswith('model.')}
-    path = tmp_path / 'official' / 'dat_mini_official.pth'
-    path.parent.mkdir()
-    torch.save({'model': state_dict, 'epoch': 300}, path)
-    return path, config, handle.get_tensor('input_224'), handle.get_tensor('logits_224')
-
-
 def test_official_url_is_the_fallback_when_the_hub_is_unavailable(tmp_path, caplog):
-    path, config, image, official_logits = _official_narrow_checkpoint(tmp_path)
+    path, config, image, official_logits = official_mini_checkpoint(tmp_path / 'official')
     args = model_args_from_official(config)
     overlay = dict(hf_hub_id='dat-zoo/not-in-the-cache', url=path.as_uri(), num_classes=args['num_classes'])
     with caplog.at_level(logging.WARNING, logger='dat.pretrained'):
