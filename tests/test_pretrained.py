@@ -125,3 +125,15 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_checkpoint_error(tmp_pa
 def test_a_model_with_no_weights_anywhere_says_so():
     with pytest.raises(PretrainedWeightsError, match='has no pretrained weights'):
         timm.create_model('dat_nano', pretrained=True, pretrained_cfg_overlay=dict(file=None))
+
+
+def test_in_memory_state_dict_and_other_input_channels():
+    trained = timm.create_model('dat_nano', pretrained=True).eval()
+    grey = torch.randn(2, 1, 56, 56)
+    from_memory = timm.create_model('dat_nano', pretrained=True,
+                                    pretrained_cfg_overlay=dict(state_dict=trained.state_dict()))
+    assert torch.equal(logits(from_memory), logits(trained))
+    # timm folds the RGB stem into one channel: a grey image repeated thrice gives the same logits
+    one_channel = timm.create_model('dat_nano', pretrained=True, in_chans=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one_channel(grey), trained(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
