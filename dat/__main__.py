@@ -73,12 +73,12 @@ def classify_image(model_name: str, image_path: Optional[str], top: int = 5) -> 
 
 
 def digits_demo(model_name: str) -> None:
-    from dat.digits import digit_tensors, evaluate
-    model = timm.create_model(model_name, pretrained=True).eval()
+    from dat.digits import digit_tensors, predict, top1_top5
+    model = timm.create_model(model_name, pretrained=True)
     images, labels = digit_tensors('held_out', model)
-    top1, top5 = evaluate(model, images, labels)
-    with torch.no_grad():
-        predicted = model(images).argmax(-1)
+    logits = predict(model, images)
+    top1, top5 = top1_top5(logits, labels)
+    predicted = logits.argmax(-1)
     wrong = [(int(t), int(p)) for t, p in zip(labels, predicted) if t != p]
     print(f'\n{model_name}: {len(labels)} held-out handwritten digits (scikit-learn, never seen in training), '
           f'{tuple(images.shape[-2:])} inputs')
@@ -111,6 +111,13 @@ def visualize_main(argv: List[str]) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except dat.PretrainedWeightsError as error:  # no weights reachable: the message says what to do
+        raise SystemExit(f'error: {error}') from None
+
+
+def run(argv: List[str]) -> None:
     if argv[:1] == ['visualize']:
         return visualize_main(argv[1:])
     parser = argparse.ArgumentParser(prog='python -m dat', description=__doc__.split('\n')[0],

@@ -48,10 +48,19 @@ def digit_tensors(split: str, model) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> Tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `model` (put in eval mode) on a preprocessed batch."""
-    from timm.utils import accuracy
+def predict(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of `model` (put in eval mode) for a preprocessed batch."""
     model.eval()
-    logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(labels), batch_size)])
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def top1_top5(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of logits."""
+    from timm.utils import accuracy
     top1, top5 = accuracy(logits, labels, topk=(1, 5))
     return float(top1), float(top5)
+
+
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` on a preprocessed batch."""
+    return top1_top5(predict(model, images), labels)
