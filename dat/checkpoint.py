@@ -19,6 +19,7 @@ REBUILT_BUFFERS = ('relative_position_index', 'attn_mask')
 # position tables: trained at one size, resampled (bicubic, as the official loader does) to another
 RESIZABLE_TABLES = ('rpe_table', 'relative_position_bias_table')
 OFFICIAL_MARKERS = ('patch_proj.', 'down_projs.', 'cls_head.', 'cls_norm.')
+STEM_INPUT_CONVS = ('stem.conv.weight', 'stem.conv1.weight')  # the first conv of the DAT / DAT++ stems
 
 
 class CheckpointError(RuntimeError):
@@ -170,11 +171,16 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> Dict[st
 
     expected = model.state_dict()
     is_head = lambda key: key.startswith('head.')  # noqa: E731 - timm drops/reshapes the classifier itself
+    # timm's pretrained loader adapts the stem to another number of input channels (in_chans) after this filter
+    is_input_conv = lambda key, value: (  # noqa: E731
+        key in STEM_INPUT_CONVS and value.shape[:1] + value.shape[2:] == expected[key].shape[:1] + expected[key].shape[2:])
     unexpected = [k for k in state_dict if k not in expected and not is_head(k)]
     missing = [k for k in expected if k not in state_dict and not is_head(k)]
     mismatched = []
     for key, value in state_dict.items():
         if key in expected and value.shape != expected[key].shape and not is_head(key):
+            if is_input_conv(key, value):
+                continue
             if key.endswith(RESIZABLE_TABLES):
                 state_dict[key] = _resize_table(value, expected[key].shape, key)
             else:

@@ -3,7 +3,8 @@
 #   bash scripts/dev.sh demo [args...]   -> python -m dat [args...]
 #   bash scripts/dev.sh test [args...]   -> python -m pytest tests [args...]
 # Set-up (idempotent): torch 2.14.1 / torchvision 0.29.1, this package in editable mode with its native
-# extension (C++ always, CUDA when nvcc is present; DAT_REQUIRE_EXT=1 makes a build failure fatal), and
+# extension (C++ always, CUDA when nvcc is present; DAT_REQUIRE_EXT=1 makes a build failure fatal), its demo/test
+# extras (scikit-learn for the offline digits demo, pytest), and
 # timm's own model test suite from the source release of the installed timm (for tests/test_timm_suite.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,12 @@ if "$PY" -c "import dat, sys, os; sys.exit(not dat.__file__.startswith(os.path.j
   [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
 else
   echo "== installing dat (editable) and its dependencies; compiling the native extension"
-  MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test]"
+  MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test,demo]"
   [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
+fi
+if ! "$PY" -c "import sklearn, pytest" 2>/dev/null; then
+  echo "== installing the demo and test extras (scikit-learn's digits, pytest)"
+  MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test,demo]"
 fi
 
 TIMM_VERSION=$("$PY" -c "import timm; print(timm.__version__)")

@@ -21,3 +21,57 @@ def official_fixture(name: str) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (scripts/ is not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'dat_script_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def offline_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch.hub caches under tmp_path, with the Hub in offline mode: the real download
+    code runs, and finds only what a test lays out (see `add_to_hf_cache`) or serves from file:// URLs."""
+    import huggingface_hub.constants
+    hub_cache = tmp_path / 'hf' / 'hub'
+    hub_cache.mkdir(parents=True)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    # huggingface_hub reads its environment once, at import: point the module's settings at the same values
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    return hub_cache
+
+
+def add_to_hf_cache(hub_cache: Path, repo_id: str, files: dict) -> None:
+    """Lay out `files` (name -> local path) as the main revision of `repo_id` in a Hugging Face cache."""
+    import shutil
+    snapshot_id = '0123456789abcdef0123456789abcdef01234567'
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(snapshot_id)
+    snapshot = repo / 'snapshots' / snapshot_id
+    snapshot.mkdir(parents=True)
+    for name, path in files.items():
+        shutil.copy(path, snapshot / name)
+
+
+def official_mini_checkpoint(folder: Path):
+    """The narrow DAT of the shared fixtures as an official training checkpoint (`{'model': state_dict, ...}`)
+    written into `folder`: its path, official config (MODEL.DAT dict), input and the official code's logits."""
+    import json
+    from safetensors import safe_open
+    handle = safe_open(str(official_fixture('dat_v1_mini_seed0.safetensors')), 'pt')
+    config = json.loads(handle.metadata()['config'])
+    state_dict = {key[len('model.'):]: handle.get_tensor(key) for key in handle.keys() if key.startswith('model.')}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / 'dat_mini_official.pth'
+    torch.save({'model': state_dict, 'epoch': 300}, path)
+    return path, config, handle.get_tensor('input_224'), handle.get_tensor('logits_224')

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -28,8 +29,8 @@ from dat.layers.mlp import DwConvMlp, Mlp
 from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
 from dat.layers.window_attn import WindowAttention
-from dat.checkpoint import checkpoint_filter_fn
-from dat.weights import manifest
+from dat.pretrained import load_pretrained_weights
+from dat.weights import bundled_path, manifest
 
 __all__ = ['DeformableAttentionTransformer', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE']
 
@@ -351,6 +352,11 @@ def _dat(depth3: int, **kwargs) -> dict:
 
 
 MODEL_CONFIGS: Dict[str, dict] = {
+    # small enough to train on a CPU in minutes (scripts/train_digits.py), with a deformable block in every stage
+    # after the first; at its 56x56 input the stage maps are 14, 7, 4 and 2 pixels
+    'dat_nano': dict(DAT_SPEC, dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), block_types=('L', 'D', 'LD', 'D'),
+                     num_heads=(1, 2, 4, 8), offset_groups=(1, 1, 2, 4), offset_range_factors=(-1, 2, 2, 2),
+                     use_rpe=(False, True, True, True)),
     'dat_tiny': _dat(6, dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), offset_groups=(1, 1, 3, 6)),
     'dat_small': _dat(18, dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), offset_groups=(1, 1, 3, 6)),
     'dat_base': _dat(18, dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), offset_groups=(1, 1, 4, 8)),
@@ -367,12 +373,21 @@ MODEL_CONFIGS: Dict[str, dict] = {
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
     model_args = dict(MODEL_CONFIGS[variant])
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
     # a tag trained at another resolution (dat_pp_base.in1k_384) has position tables of that resolution
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'))
-    model_args.setdefault('img_size', tuple(cfg.input_size[-2:]))
+    model_args.setdefault('img_size', tuple(cfg['input_size'][-2:]))
+
+    def build(**model_kwargs) -> DeformableAttentionTransformer:
+        # weights are loaded here, before timm wraps a features_only model, so that every source can be tried
+        # in turn against the bare model (dat.pretrained); timm itself is told pretrained=False
+        model = DeformableAttentionTransformer(**model_kwargs)
+        if pretrained:
+            load_pretrained_weights(model, cfg)
+        return model
+
     return build_model_with_cfg(
-        DeformableAttentionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        build, variant, False,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
         **dict(model_args, **kwargs),
     )
@@ -383,16 +398,23 @@ def _cfg(tag: str) -> dict:
     size = entry['input_size']
     first_conv = 'stem.conv1' if entry['generation'] == 'dat_pp' else 'stem.conv'
     return {
-        'url': entry['official_url'], 'hf_hub_id': entry['hf_hub_id'], 'num_classes': 1000,
-        'input_size': tuple(size), 'pool_size': (size[1] // 32, size[2] // 32), 'min_input_size': (3, 32, 32),
+        'url': entry['official_url'], 'hf_hub_id': entry['hf_hub_id'],
+        'file': str(bundled_path(entry['file'])) if entry.get('file') else None,
+        'num_classes': entry.get('num_classes', 1000), 'label_names': entry.get('label_names'),
+        'input_size': tuple(size), 'pool_size': (-(-size[1] // 32), -(-size[2] // 32)), 'min_input_size': (3, 32, 32),
         'crop_pct': entry['crop_pct'], 'interpolation': entry['interpolation'], 'fixed_input_size': False,
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'mean': tuple(entry.get('mean', IMAGENET_DEFAULT_MEAN)), 'std': tuple(entry.get('std', IMAGENET_DEFAULT_STD)),
         'first_conv': first_conv, 'classifier': 'head.fc', 'license': entry['license'],
         'paper_ids': entry['paper'], 'origin_url': 'https://github.com/LeapLabTHU/DAT',
     }
 
 
 default_cfgs = generate_default_cfgs({tag: _cfg(tag) for tag in manifest()})
+
+
+@register_model
+def dat_nano(pretrained: bool = False, **kwargs) -> DeformableAttentionTransformer:
+    return _create('dat_nano', pretrained, **kwargs)
 
 
 @register_model
