@@ -85,7 +85,8 @@ setup(
     package_data={'dat': ['assets/*'], 'dat.weights': ['*.json', '*.safetensors', '*.md']},
     python_requires='>=3.10',
     install_requires=['torch>=2.4', 'timm>=1.0.15', 'huggingface_hub>=0.23', 'safetensors>=0.4'],
-    extras_require={'test': ['pytest>=8']},
+    # transformers: tests/test_adapters.py runs DAT inside transformers' detection and segmentation models
+    extras_require={'test': ['pytest>=8', 'transformers>=5']},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

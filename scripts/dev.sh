@@ -4,7 +4,8 @@
 #   bash scripts/dev.sh test [args...]   -> python -m pytest tests [args...]
 # Set-up (idempotent): torch 2.14.1 / torchvision 0.29.1, this package in editable mode with its native
 # extension (C++ always, CUDA when nvcc is present; DAT_REQUIRE_EXT=1 makes a build failure fatal), and
-# timm's own model test suite from the source release of the installed timm (for tests/test_timm_suite.py).
+# timm's own model test suite from the source release of the installed timm (for tests/test_timm_suite.py),
+# and for the tests the test extras of setup.py (transformers, for tests/test_adapters.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,6 +28,12 @@ else
   echo "== installing dat (editable) and its dependencies; compiling the native extension"
   MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test]"
   [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
+fi
+
+# the test extras of setup.py, for a machine where dat was installed before they were added
+if [ "$job" = test ] && ! "$PY" -c "import transformers, sys; sys.exit(int(transformers.__version__.split('.')[0]) < 5)" 2>/dev/null; then
+  echo "== installing the test-only dependency transformers (pure Python)"
+  quiet_pip "transformers>=5"
 fi
 
 TIMM_VERSION=$("$PY" -c "import timm; print(timm.__version__)")
