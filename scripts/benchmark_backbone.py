@@ -5,8 +5,8 @@
 
 Every combination of attention kernels (`DAT_ATTN_IMPL=reference|fused`) and gradient checkpointing (off|on)
 runs in its own subprocess, so each peak is that configuration's alone: on CUDA the peak of
-`torch.cuda.max_memory_allocated`, on the CPU the process's peak resident memory (`ru_maxrss`) minus what it
-held before the first pass (the model, its gradients' absence, the input). Times are the median over
+`torch.cuda.max_memory_allocated` over the timed passes, on the CPU the process's peak resident memory
+(`ru_maxrss`) minus what it held before the first pass (the model and the input). Times are the median over
 `--repeats` passes after `--warmup` passes. A kernel set that is not built for the device is reported as
 unavailable. Ratios are against reference kernels without checkpointing, measured in the same run.
 """
@@ -42,11 +42,12 @@ def measure(args) -> dict:
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
+    # ru_maxrss is the process's high-water mark: read before the warm-up, which already reaches the peak
+    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         for _ in range(args.warmup):
             step()
         synchronize()
-        baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
             baseline_cuda = torch.cuda.memory_allocated()
