@@ -88,6 +88,16 @@ def _official_detector_checkpoint(out_indices=(0, 1, 2, 3), wrapper='state_dict'
     return config, {wrapper: detector, 'meta': {'epoch': 12}}, references, handle.get_tensor('input_224')
 
 
+def test_unwrap_keeps_only_the_backbone_of_a_whole_detector():
+    from dat.checkpoint import unwrap_state_dict
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.)
+    segmentor = {'state_dict': {'module.backbone.stem.conv.weight': a, 'module.decode_head.conv_seg.weight': b,
+                                'module.auxiliary_head.conv.weight': c}, 'meta': {'iter': 160000}}
+    assert unwrap_state_dict(segmentor) == {'stem.conv.weight': a}
+    assert unwrap_state_dict({'model': {'stem.conv.weight': a, 'head.fc.weight': b}}) == {
+        'stem.conv.weight': a, 'head.fc.weight': b}
+
+
 @pytest.mark.parametrize('wrapper', ['state_dict', 'model'])
 def test_official_detection_checkpoint_reproduces_official_outputs(wrapper):
     """The official detection code returns norms[i](stage i output); the fixture holds the official stage
