@@ -11,7 +11,7 @@ first n stages stop learning and stay in eval mode), `norm_eval` (normalisation 
 gradient checkpointing (blocks recompute their activations in the backward pass instead of storing them).
 """
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch

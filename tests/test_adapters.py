@@ -219,7 +219,8 @@ def _detectron2_stand_in(monkeypatch):
     monkeypatch.delitem(sys.modules, 'dat.adapters.detectron2')
     monkeypatch.setattr(dat.adapters, 'detectron2', None, raising=False)
     monkeypatch.delattr(dat.adapters, 'detectron2')
-    config = CfgNode(MODEL=CfgNode(FPN=CfgNode(IN_FEATURES=['dat3', 'dat5'], OUT_CHANNELS=16, NORM='', FUSE_TYPE='sum')))
+    fpn_options = CfgNode(IN_FEATURES=['dat3', 'dat5'], OUT_CHANNELS=16, NORM='', FUSE_TYPE='sum')
+    config = CfgNode(MODEL=CfgNode(FPN=fpn_options))
     return config, modules['detectron2.modeling'].BACKBONE_REGISTRY
 
 

@@ -135,7 +135,8 @@ def test_classification_checkpoint_loads_with_fresh_norms(tmp_path):
         if not name.startswith('norms.'):
             torch.testing.assert_close(value, classifier.state_dict()[name], msg=name)
     from_file = DatBackbone('dat_tiny', checkpoint=path, **NARROW)
-    torch.testing.assert_close(from_file.stages[2].blocks[1].attn.rpe_table, classifier.stages[2].blocks[1].attn.rpe_table)
+    torch.testing.assert_close(from_file.stages[2].blocks[1].attn.rpe_table,
+                               classifier.stages[2].blocks[1].attn.rpe_table)
 
 
 def test_checkpoint_of_another_architecture_is_refused():
@@ -146,8 +147,9 @@ def test_checkpoint_of_another_architecture_is_refused():
     with pytest.raises(CheckpointError, match='shape mismatches'):
         DatBackbone('dat_tiny', **NARROW).load_checkpoint({'state_dict': {f'backbone.{k}': v for k, v
                                                                           in wide.state_dict().items()}})
+    swin_detector = {'backbone.patch_embed.proj.weight': torch.zeros(96, 3, 4, 4)}
     with pytest.raises(CheckpointError, match='unexpected keys'):
-        DatBackbone('dat_tiny', **NARROW).load_checkpoint({'backbone.patch_embed.proj.weight': torch.zeros(96, 3, 4, 4)})
+        DatBackbone('dat_tiny', **NARROW).load_checkpoint(swin_detector)
 
 
 @pytest.mark.parametrize('kwargs,message', [
