@@ -9,7 +9,7 @@ import re
 import types
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +79,18 @@ def load_checkpoint_file(path: Union[str, Path]) -> dict:
 
 def unwrap_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     """The state dict inside `{'model': ...}` / `{'state_dict': ...}` or a bare one, without `module.`/`backbone.`
-    prefixes (DataParallel, detection and segmentation checkpoints)."""
+    prefixes (DataParallel, detection and segmentation checkpoints). Of a whole detector or segmentor (some keys
+    under `backbone.`) only the backbone is kept: its neck and heads are no part of a DAT model."""
     for key in ('model', 'state_dict', 'model_state'):
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
-    state_dict = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for prefix in ('module.', 'backbone.'):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state_dict[key] = value
+    tensors = {key[len('module.'):] if key.startswith('module.') else key: value
+               for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if any(key.startswith('backbone.') for key in tensors):
+        tensors = {key: value for key, value in tensors.items() if key.startswith('backbone.')}
+    state_dict = {key[len('backbone.'):] if key.startswith('backbone.') else key: value
+                  for key, value in tensors.items()}
     if not state_dict:
         raise CheckpointError('the checkpoint holds no tensors (expected a state dict or {"model": state_dict})')
     return state_dict
@@ -124,6 +123,9 @@ def _official_key(key: str, conv_stem: bool) -> str:
     match = re.fullmatch(r'cls_norm\.norm\.(.+)', key)
     if match:
         return f'norm.{match.group(1)}'
+    match = re.fullmatch(r'norms\.(\d+)\.norm\.(.+)', key)  # per-output norms of the detection/segmentation code
+    if match:
+        return f'norms.{match.group(1)}.{match.group(2)}'
     match = re.fullmatch(r'cls_head\.(.+)', key)
     if match:
         return f'head.fc.{match.group(1)}'
@@ -145,13 +147,16 @@ def _resize_table(table: torch.Tensor, shape: torch.Size, key: str) -> torch.Ten
     return F.interpolate(grid, size=(target, target), mode='bicubic')[0].reshape(-1, target * target).T.to(table.dtype)
 
 
-def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module, optional_keys: Tuple[str, ...] = (),
+                         extra_keys: Tuple[str, ...] = ()) -> Dict[str, torch.Tensor]:
     """Convert an official DAT/DAT++ checkpoint (or one already in this layout) for `model`.
 
     Every official tensor must map to a model tensor of the same shape and every model tensor must be
     filled, except: buffers the model rebuilds, position tables (resampled when the size differs) and the
     classifier (whose size timm reconciles with `num_classes`). Anything else raises `CheckpointError`
-    naming the keys.
+    naming the keys. A model that is not the whole classifier names key prefixes it may lack in the checkpoint
+    (`optional_keys`: those parameters keep their initial values) and checkpoint key prefixes it has no place
+    for (`extra_keys`: dropped from the result).
     """
     state_dict = unwrap_state_dict(checkpoint)
     if any(key.startswith(OFFICIAL_MARKERS) for key in state_dict):
@@ -170,12 +175,13 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module) -> Dict[st
         state_dict = converted
 
     expected = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.startswith(extra_keys)}
     is_head = lambda key: key.startswith('head.')  # noqa: E731 - timm drops/reshapes the classifier itself
     # timm's pretrained loader adapts the stem to another number of input channels (in_chans) after this filter
     is_input_conv = lambda key, value: (  # noqa: E731
         key in STEM_INPUT_CONVS and value.shape[:1] + value.shape[2:] == expected[key].shape[:1] + expected[key].shape[2:])
     unexpected = [k for k in state_dict if k not in expected and not is_head(k)]
-    missing = [k for k in expected if k not in state_dict and not is_head(k)]
+    missing = [k for k in expected if k not in state_dict and not is_head(k) and not k.startswith(optional_keys)]
     mismatched = []
     for key, value in state_dict.items():
         if key in expected and value.shape != expected[key].shape and not is_head(key):

@@ -4,7 +4,7 @@
 #   bash scripts/dev.sh test [args...]   -> python -m pytest tests [args...]
 # Set-up (idempotent): torch 2.14.1 / torchvision 0.29.1, this package in editable mode with its native
 # extension (C++ always, CUDA when nvcc is present; DAT_REQUIRE_EXT=1 makes a build failure fatal), its demo/test
-# extras (scikit-learn for the offline digits demo, pytest), and
+# extras (scikit-learn for the offline digits demo; pytest and transformers for the tests), and
 # timm's own model test suite from the source release of the installed timm (for tests/test_timm_suite.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,9 @@ else
   MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test,demo]"
   [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
 fi
-if ! "$PY" -c "import sklearn, pytest" 2>/dev/null; then
-  echo "== installing the demo and test extras (scikit-learn's digits, pytest)"
+# a machine where dat was installed before an extra was added to setup.py
+if ! "$PY" -c "import sklearn, pytest, transformers" 2>/dev/null; then
+  echo "== installing the demo and test extras (scikit-learn, pytest, transformers)"
   MAX_JOBS=${MAX_JOBS:-2} quiet_pip --no-build-isolation -e ".[test,demo]"
 fi
 

@@ -32,7 +32,7 @@ from dat.layers.window_attn import WindowAttention
 from dat.pretrained import load_pretrained_weights
 from dat.weights import bundled_path, manifest
 
-__all__ = ['DeformableAttentionTransformer', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE']
+__all__ = ['DeformableAttentionTransformer', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE', 'position_table_names']
 
 BLOCK_TYPES = 'LSDN'
 MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
@@ -56,6 +56,13 @@ def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError('input {}x{} is too small: DAT needs at least {}x{} pixels'.format(
             x.shape[2], x.shape[3], min_size, min_size))
+
+
+def position_table_names(model: nn.Module) -> set:
+    """Names of the relative-position tables, exempt from weight decay like Swin's: decaying them pulls the
+    learned bias towards zero."""
+    return {name for name, _ in model.named_parameters()
+            if name.endswith(('relative_position_bias_table', 'rpe_table', 'rpb'))}
 
 
 def _per_stage(value, name: str, num_stages: int) -> tuple:
@@ -256,9 +263,7 @@ class DeformableAttentionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Relative-position tables, like Swin's: decaying them pulls the learned bias towards zero."""
-        return {name for name, _ in self.named_parameters()
-                if name.endswith(('relative_position_bias_table', 'rpe_table', 'rpb'))}
+        return position_table_names(self)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
