@@ -43,12 +43,12 @@ def _extensions():
     build_cuda = want_cuda in ('1', 'true', 'yes') or (want_cuda == 'auto' and has_cuda_toolchain)
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
 
-    cxx_flags = ['-O3', '-std=c++17', '-fopenmp']
+    cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
     extra_compile_args = {'cxx': cxx_flags}
     define_macros = []
     if build_cuda and cuda_sources:
         define_macros.append(('DAT_WITH_CUDA', None))
-        extra_compile_args['nvcc'] = ['-O3', '-std=c++17', '--use_fast_math', '-lineinfo']
+        extra_compile_args['nvcc'] = ['-O3', '-std=c++20', '--use_fast_math', '-lineinfo']
         ext = cpp_extension.CUDAExtension(
             'dat._C', cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, 'csrc')],
             define_macros=define_macros, extra_compile_args=extra_compile_args, extra_link_args=['-fopenmp'])

@@ -1,0 +1,396 @@
+// CPU kernels of dat::deform_attn (float32, float64).
+//
+// Flash style: queries are processed in tiles and keys are streamed in tiles through an online
+// softmax, so no (Nq x Nk) tensor ever exists and memory stays linear in Nq + Nk. A work item is one
+// (batch, offset group, query tile): the heads of a group share the key positions, so the bilinear
+// taps of a (query, key) pair are computed once and reused by every head of the group.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "deform_attn/deform_attn.h"
+#include "deform_attn/deform_attn_math.h"
+
+namespace dat {
+namespace deform_attn {
+namespace {
+
+constexpr int64_t kQueryTile = 32;
+constexpr int64_t kKeyTile = 64;
+
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const scalar_t* kpos;
+  const scalar_t* qpos;
+  const scalar_t* rpe;  // nullptr when there is no relative-position bias
+  scalar_t scale;
+  Geometry geometry;
+
+  int64_t table_size() const { return geometry.table_height * geometry.table_width; }
+  const scalar_t* table(int64_t head) const { return rpe + head * table_size(); }
+  // Row offsets (in elements) of (b, head, query) and (b, head, key) vectors.
+  int64_t query_offset(int64_t b, int64_t head, int64_t query) const {
+    return ((b * geometry.heads + head) * geometry.queries + query) * geometry.head_dim;
+  }
+  int64_t key_offset(int64_t b, int64_t head, int64_t key) const {
+    return ((b * geometry.heads + head) * geometry.keys + key) * geometry.head_dim;
+  }
+  int64_t kpos_offset(int64_t b, int64_t group, int64_t key) const {
+    return ((b * geometry.groups + group) * geometry.keys + key) * 2;
+  }
+};
+
+struct QueryTile {
+  int64_t batch;
+  int64_t group;
+  int64_t begin;
+  int64_t count;
+};
+
+int64_t query_tiles_per_row(const Geometry& geometry) { return (geometry.queries + kQueryTile - 1) / kQueryTile; }
+
+int64_t query_tile_count(const Geometry& geometry) {
+  return geometry.batch * geometry.groups * query_tiles_per_row(geometry);
+}
+
+QueryTile query_tile(int64_t index, const Geometry& geometry) {
+  const int64_t per_row = query_tiles_per_row(geometry);
+  QueryTile tile;
+  tile.begin = (index % per_row) * kQueryTile;
+  tile.count = std::min(kQueryTile, geometry.queries - tile.begin);
+  tile.group = (index / per_row) % geometry.groups;
+  tile.batch = index / (per_row * geometry.groups);
+  return tile;
+}
+
+// Buffers for one key tile, shared by the forward and the backward.
+template <typename scalar_t>
+struct KeyTileBuffers {
+  std::vector<BilinearTaps<scalar_t>> taps;  // kQueryTile x kKeyTile
+  std::vector<scalar_t> keys_t;              // head_dim x kKeyTile, keys transposed
+  std::vector<scalar_t> scaled_query;        // head_dim
+  std::vector<scalar_t> logits;              // kKeyTile
+
+  explicit KeyTileBuffers(const Geometry& geometry)
+      : taps(kQueryTile * kKeyTile), keys_t(geometry.head_dim * kKeyTile), scaled_query(geometry.head_dim),
+        logits(kKeyTile) {}
+};
+
+// Taps of every (query, key) pair of the tile; the same for all heads of the group.
+template <typename scalar_t>
+void compute_pair_taps(const Operands<scalar_t>& ops, const QueryTile& tile, int64_t key_begin, int64_t key_count,
+                       BilinearTaps<scalar_t>* taps) {
+  const Geometry& geometry = ops.geometry;
+  for (int64_t i = 0; i < tile.count; ++i) {
+    const scalar_t* query_pos = ops.qpos + (tile.begin + i) * 2;
+    for (int64_t j = 0; j < key_count; ++j) {
+      const scalar_t* key_pos = ops.kpos + ops.kpos_offset(tile.batch, tile.group, key_begin + j);
+      taps[i * kKeyTile + j] = bias_taps<scalar_t>(query_pos[0], query_pos[1], key_pos[0], key_pos[1],
+                                                   geometry.table_height, geometry.table_width);
+    }
+  }
+}
+
+// (key_count x head_dim) rows -> (head_dim x kKeyTile), so that products against many keys run over
+// contiguous memory and vectorise without reordering floating-point sums.
+template <typename scalar_t>
+void transpose_keys(const scalar_t* rows, int64_t key_count, int64_t head_dim, scalar_t* transposed) {
+  for (int64_t j = 0; j < key_count; ++j) {
+    for (int64_t d = 0; d < head_dim; ++d) transposed[d * kKeyTile + j] = rows[j * head_dim + d];
+  }
+}
+
+// out[j] = sum_d vector[d] * transposed[d][j] for the first key_count keys.
+template <typename scalar_t>
+void products_with_keys(const scalar_t* vector, const scalar_t* transposed, int64_t key_count, int64_t head_dim,
+                        scalar_t* out) {
+  std::fill(out, out + key_count, scalar_t(0));
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const scalar_t factor = vector[d];
+    const scalar_t* row = transposed + d * kKeyTile;
+    for (int64_t j = 0; j < key_count; ++j) out[j] += factor * row[j];
+  }
+}
+
+// Logits scale * <q_i, k_j> + bias_ij of one query against the keys in buffers.keys_t.
+template <typename scalar_t>
+void query_logits(const Operands<scalar_t>& ops, const scalar_t* query, const scalar_t* table,
+                  const BilinearTaps<scalar_t>* query_taps, int64_t key_count, KeyTileBuffers<scalar_t>& buffers) {
+  const Geometry& geometry = ops.geometry;
+  for (int64_t d = 0; d < geometry.head_dim; ++d) buffers.scaled_query[d] = query[d] * ops.scale;
+  products_with_keys(buffers.scaled_query.data(), buffers.keys_t.data(), key_count, geometry.head_dim,
+                     buffers.logits.data());
+  if (table != nullptr) {
+    for (int64_t j = 0; j < key_count; ++j) {
+      buffers.logits[j] += bilinear_sample(table, geometry.table_height, geometry.table_width, query_taps[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_query_tile(const Operands<scalar_t>& ops, const QueryTile& tile, KeyTileBuffers<scalar_t>& buffers,
+                        std::vector<scalar_t>& accumulators, std::vector<scalar_t>& running_max,
+                        std::vector<scalar_t>& running_sum, scalar_t* out, scalar_t* logsumexp) {
+  const Geometry& geometry = ops.geometry;
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t heads_per_group = geometry.heads_per_group();
+  std::fill(accumulators.begin(), accumulators.end(), scalar_t(0));
+  std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<scalar_t>::infinity());
+  std::fill(running_sum.begin(), running_sum.end(), scalar_t(0));
+
+  for (int64_t key_begin = 0; key_begin < geometry.keys; key_begin += kKeyTile) {
+    const int64_t key_count = std::min(kKeyTile, geometry.keys - key_begin);
+    if (ops.rpe != nullptr) compute_pair_taps(ops, tile, key_begin, key_count, buffers.taps.data());
+    for (int64_t h = 0; h < heads_per_group; ++h) {
+      const int64_t head = tile.group * heads_per_group + h;
+      const scalar_t* keys = ops.k + ops.key_offset(tile.batch, head, key_begin);
+      const scalar_t* values = ops.v + ops.key_offset(tile.batch, head, key_begin);
+      const scalar_t* table = ops.rpe != nullptr ? ops.table(head) : nullptr;
+      transpose_keys(keys, key_count, head_dim, buffers.keys_t.data());
+      for (int64_t i = 0; i < tile.count; ++i) {
+        const scalar_t* query = ops.q + ops.query_offset(tile.batch, head, tile.begin + i);
+        query_logits(ops, query, table, buffers.taps.data() + i * kKeyTile, key_count, buffers);
+        const scalar_t* logits = buffers.logits.data();
+        const int64_t row = h * kQueryTile + i;
+        scalar_t* accumulator = accumulators.data() + row * head_dim;
+        const scalar_t block_max = *std::max_element(logits, logits + key_count);
+        const scalar_t factor = online_softmax_rescale(running_max[row], running_sum[row], block_max);
+        if (factor != scalar_t(1)) {
+          for (int64_t d = 0; d < head_dim; ++d) accumulator[d] *= factor;
+        }
+        for (int64_t j = 0; j < key_count; ++j) {
+          const scalar_t weight = exp_of(logits[j] - running_max[row]);
+          running_sum[row] += weight;
+          const scalar_t* value = values + j * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * value[d];
+        }
+      }
+    }
+  }
+
+  for (int64_t h = 0; h < heads_per_group; ++h) {
+    const int64_t head = tile.group * heads_per_group + h;
+    for (int64_t i = 0; i < tile.count; ++i) {
+      const int64_t row = h * kQueryTile + i;
+      const int64_t query_offset = ops.query_offset(tile.batch, head, tile.begin + i);
+      const scalar_t inverse_sum = scalar_t(1) / running_sum[row];
+      for (int64_t d = 0; d < head_dim; ++d) {
+        out[query_offset + d] = accumulators[row * head_dim + d] * inverse_sum;
+      }
+      logsumexp[query_offset / head_dim] = running_max[row] + log_of(running_sum[row]);
+    }
+  }
+}
+
+// Gradient buffers owned by one worker; workers never share them, and they are summed at the end.
+template <typename scalar_t>
+struct GradientSinks {
+  scalar_t* k;
+  scalar_t* v;
+  scalar_t* kpos;
+  scalar_t* rpe;
+};
+
+template <typename scalar_t>
+void backward_query_tile(const Operands<scalar_t>& ops, const scalar_t* grad_out, const scalar_t* out,
+                         const scalar_t* logsumexp, const QueryTile& tile, KeyTileBuffers<scalar_t>& buffers,
+                         std::vector<scalar_t>& grad_queries, std::vector<scalar_t>& deltas,
+                         std::vector<scalar_t>& values_t, std::vector<scalar_t>& grad_probs,
+                         std::vector<scalar_t>& grad_key_pos, const GradientSinks<scalar_t>& sinks,
+                         scalar_t* grad_q) {
+  const Geometry& geometry = ops.geometry;
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t heads_per_group = geometry.heads_per_group();
+  std::fill(grad_queries.begin(), grad_queries.end(), scalar_t(0));
+  for (int64_t h = 0; h < heads_per_group; ++h) {
+    const int64_t head = tile.group * heads_per_group + h;
+    for (int64_t i = 0; i < tile.count; ++i) {
+      const int64_t offset = ops.query_offset(tile.batch, head, tile.begin + i);
+      scalar_t delta = 0;
+      for (int64_t d = 0; d < head_dim; ++d) delta += grad_out[offset + d] * out[offset + d];
+      deltas[h * kQueryTile + i] = delta;
+    }
+  }
+
+  for (int64_t key_begin = 0; key_begin < geometry.keys; key_begin += kKeyTile) {
+    const int64_t key_count = std::min(kKeyTile, geometry.keys - key_begin);
+    if (ops.rpe != nullptr) compute_pair_taps(ops, tile, key_begin, key_count, buffers.taps.data());
+    std::fill(grad_key_pos.begin(), grad_key_pos.end(), scalar_t(0));
+    for (int64_t h = 0; h < heads_per_group; ++h) {
+      const int64_t head = tile.group * heads_per_group + h;
+      const int64_t key_offset = ops.key_offset(tile.batch, head, key_begin);
+      const scalar_t* keys = ops.k + key_offset;
+      const scalar_t* table = ops.rpe != nullptr ? ops.table(head) : nullptr;
+      scalar_t* grad_table = ops.rpe != nullptr ? sinks.rpe + head * ops.table_size() : nullptr;
+      transpose_keys(keys, key_count, head_dim, buffers.keys_t.data());
+      transpose_keys(ops.v + key_offset, key_count, head_dim, values_t.data());
+      for (int64_t i = 0; i < tile.count; ++i) {
+        const int64_t query_offset = ops.query_offset(tile.batch, head, tile.begin + i);
+        const scalar_t* query = ops.q + query_offset;
+        const scalar_t* query_grad_out = grad_out + query_offset;
+        const BilinearTaps<scalar_t>* query_taps = buffers.taps.data() + i * kKeyTile;
+        query_logits(ops, query, table, query_taps, key_count, buffers);
+        products_with_keys(query_grad_out, values_t.data(), key_count, head_dim, grad_probs.data());
+        const int64_t row = h * kQueryTile + i;
+        const scalar_t row_logsumexp = logsumexp[query_offset / head_dim];
+        scalar_t* grad_query = grad_queries.data() + row * head_dim;
+        for (int64_t j = 0; j < key_count; ++j) {
+          const scalar_t prob = exp_of(buffers.logits[j] - row_logsumexp);
+          const scalar_t grad_logit = softmax_logit_grad(prob, grad_probs[j], deltas[row]);
+          const scalar_t* key = keys + j * head_dim;
+          scalar_t* grad_key = sinks.k + key_offset + j * head_dim;
+          scalar_t* grad_value = sinks.v + key_offset + j * head_dim;
+          const scalar_t scaled_grad_logit = grad_logit * ops.scale;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            grad_query[d] += grad_logit * key[d];
+            grad_key[d] += scaled_grad_logit * query[d];
+            grad_value[d] += prob * query_grad_out[d];
+          }
+          if (table != nullptr) {
+            bilinear_sample_backward(
+                table, geometry.table_height, geometry.table_width, query_taps[j], grad_logit,
+                [grad_table](int64_t index, scalar_t value) { grad_table[index] += value; }, grad_key_pos[2 * j],
+                grad_key_pos[2 * j + 1]);
+          }
+        }
+      }
+    }
+    if (ops.rpe != nullptr) {
+      scalar_t* grad_kpos = sinks.kpos + ops.kpos_offset(tile.batch, tile.group, key_begin);
+      const scalar_t per_position = -scalar_t(kDisplacementPerPosition);
+      for (int64_t e = 0; e < 2 * key_count; ++e) grad_kpos[e] += per_position * grad_key_pos[e];
+    }
+  }
+
+  for (int64_t h = 0; h < heads_per_group; ++h) {
+    const int64_t head = tile.group * heads_per_group + h;
+    for (int64_t i = 0; i < tile.count; ++i) {
+      const int64_t offset = ops.query_offset(tile.batch, head, tile.begin + i);
+      const scalar_t* grad_query = grad_queries.data() + (h * kQueryTile + i) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) grad_q[offset + d] = grad_query[d] * ops.scale;
+    }
+  }
+}
+
+void check_cpu_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "dat::deform_attn on CPU supports float32 and float64, got ", q.scalar_type());
+}
+
+template <typename scalar_t>
+Operands<scalar_t> make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& kpos, const at::Tensor& qpos, const at::Tensor& rpe, double scale,
+                                 const Geometry& geometry) {
+  return Operands<scalar_t>{q.data_ptr<scalar_t>(),
+                            k.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(),
+                            kpos.data_ptr<scalar_t>(),
+                            qpos.data_ptr<scalar_t>(),
+                            rpe.defined() ? rpe.data_ptr<scalar_t>() : nullptr,
+                            static_cast<scalar_t>(scale),
+                            geometry};
+}
+
+std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                           const at::Tensor& v_in, const at::Tensor& kpos_in,
+                                                           const at::Tensor& qpos_in,
+                                                           const std::optional<at::Tensor>& rpe_in, double scale) {
+  const Geometry geometry = check_forward_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  check_cpu_dtype(q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor kpos = kpos_in.contiguous(), qpos = qpos_in.contiguous();
+  const at::Tensor rpe = rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(q);
+  at::Tensor logsumexp = at::empty({geometry.batch, geometry.heads, geometry.queries},
+                                   q.options().dtype(logsumexp_dtype(q.scalar_type())));
+  if (out.numel() == 0) return {out, logsumexp};
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_forward_cpu", [&] {
+    const Operands<scalar_t> ops = make_operands<scalar_t>(q, k, v, kpos, qpos, rpe, scale, geometry);
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
+    at::parallel_for(0, query_tile_count(geometry), 1, [&](int64_t begin, int64_t end) {
+      const int64_t rows = geometry.heads_per_group() * kQueryTile;
+      KeyTileBuffers<scalar_t> buffers(geometry);
+      std::vector<scalar_t> accumulators(rows * geometry.head_dim), running_max(rows), running_sum(rows);
+      for (int64_t index = begin; index < end; ++index) {
+        forward_query_tile(ops, query_tile(index, geometry), buffers, accumulators, running_max, running_sum,
+                           out_data, logsumexp_data);
+      }
+    });
+  });
+  return {out, logsumexp};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_attn_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& kpos_in, const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in,
+    const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
+  const Geometry geometry =
+      check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
+  check_cpu_dtype(q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor kpos = kpos_in.contiguous(), qpos = qpos_in.contiguous();
+  const at::Tensor rpe = rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor();
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor logsumexp = logsumexp_in.contiguous();
+
+  // Work is split into one contiguous range of query tiles per worker, each with its own key-side
+  // gradient buffers (keys are shared by all query tiles): no races, and a result that does not
+  // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + |rpe|).
+  const int64_t tiles = query_tile_count(geometry);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  at::Tensor grad_q = at::zeros_like(q);
+  at::Tensor grad_k_parts = at::zeros({workers, k.numel()}, k.options());
+  at::Tensor grad_v_parts = at::zeros({workers, v.numel()}, v.options());
+  at::Tensor grad_kpos_parts = at::zeros({workers, kpos.numel()}, kpos.options());
+  at::Tensor grad_rpe_parts = at::zeros({workers, rpe.defined() ? rpe.numel() : 0}, q.options());
+
+  if (tiles > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
+      const Operands<scalar_t> ops = make_operands<scalar_t>(q, k, v, kpos, qpos, rpe, scale, geometry);
+      const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
+      const scalar_t* out_data = out.data_ptr<scalar_t>();
+      const scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
+      scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
+      at::parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+        const int64_t rows = geometry.heads_per_group() * kQueryTile;
+        KeyTileBuffers<scalar_t> buffers(geometry);
+        std::vector<scalar_t> grad_queries(rows * geometry.head_dim), deltas(rows);
+        std::vector<scalar_t> values_t(geometry.head_dim * kKeyTile), grad_probs(kKeyTile);
+        std::vector<scalar_t> grad_key_pos(2 * kKeyTile);
+        for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
+          const GradientSinks<scalar_t> sinks{grad_k_parts[worker].data_ptr<scalar_t>(),
+                                              grad_v_parts[worker].data_ptr<scalar_t>(),
+                                              grad_kpos_parts[worker].data_ptr<scalar_t>(),
+                                              grad_rpe_parts[worker].data_ptr<scalar_t>()};
+          const int64_t first = tiles * worker / workers, last = tiles * (worker + 1) / workers;
+          for (int64_t index = first; index < last; ++index) {
+            backward_query_tile(ops, grad_out_data, out_data, logsumexp_data, query_tile(index, geometry), buffers,
+                                grad_queries, deltas, values_t, grad_probs, grad_key_pos, sinks, grad_q_data);
+          }
+        }
+      });
+    });
+  }
+  at::Tensor grad_rpe = rpe.defined() ? grad_rpe_parts.sum(0).view(rpe.sizes()) : q.new_empty({0});
+  return {grad_q, grad_k_parts.sum(0).view(k.sizes()), grad_v_parts.sum(0).view(v.sizes()),
+          grad_kpos_parts.sum(0).view(kpos.sizes()), grad_rpe};
+}
+
+}  // namespace
+}  // namespace deform_attn
+}  // namespace dat
+
+TORCH_LIBRARY_IMPL(dat, CPU, m) {
+  m.impl("deform_attn", &dat::deform_attn::deform_attn_forward_cpu);
+  m.impl("deform_attn_backward", &dat::deform_attn::deform_attn_backward_cpu);
+}
