@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 namespace dat {
 namespace deform_attn {
 
@@ -53,6 +55,8 @@ Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at
     TORCH_CHECK(rpe->dim() == 3 && rpe->size(0) == geometry.heads && rpe->size(1) > 0 && rpe->size(2) > 0,
                 "dat::deform_attn: rpe must be (heads=", geometry.heads, ", Th, Tw) with a non-empty table; got ",
                 rpe->sizes());
+    TORCH_CHECK(rpe->size(1) * rpe->size(2) <= std::numeric_limits<int32_t>::max(),
+                "dat::deform_attn: relative-position table of ", rpe->size(1), " x ", rpe->size(2), " is too large");
     check_same_dtype_and_device(q, *rpe, "rpe");
     geometry.table_height = rpe->size(1);
     geometry.table_width = rpe->size(2);

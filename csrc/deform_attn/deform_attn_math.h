@@ -24,65 +24,71 @@ C10_HOST_DEVICE inline double exp_of(double x) { return ::exp(x); }
 C10_HOST_DEVICE inline float log_of(float x) { return ::logf(x); }
 C10_HOST_DEVICE inline double log_of(double x) { return ::log(x); }
 
-// Where one displacement lands in a (height x width) table: the top-left corner of its 2x2 cell and
-// the fractional position inside it. Pixel coordinate = (c + 1) / 2 * (size - 1) (align_corners=True).
+// Where one displacement lands in a (height x width) table: its four corners (top-left, top-right,
+// bottom-left, bottom-right), with their bilinear weights and row-major offsets. Corners outside the
+// table get weight 0 and offset 0, so sampling is branch-free; the bounds are checked once here, and
+// a tap computed once serves every head that shares the key positions.
+// Pixel coordinate = (c + 1) / 2 * (size - 1) (align_corners=True).
 template <typename acc_t>
 struct BilinearTaps {
-  // Top-left corner. Coordinates far outside the table (or NaN) are mapped to -2, which keeps every
-  // corner out of bounds without converting huge floats to integers.
-  int64_t row;
-  int64_t col;
-  acc_t frac_row;  // weight of row + 1; row gets 1 - frac_row
+  int32_t offset[4];
+  acc_t weight[4];
+  acc_t frac_row;  // position inside the cell, for the position gradient
   acc_t frac_col;
-  // d(pixel coordinate) / d(normalised displacement), for the position gradient.
-  acc_t row_per_unit;
-  acc_t col_per_unit;
+  int32_t inside;  // bit c set when corner c lies inside the table
 };
+
+// floor(pixel) when -1 <= pixel < size, else -2 (which keeps both neighbours out of bounds; also for
+// NaN), without converting huge floats to integers.
+template <typename acc_t>
+C10_HOST_DEVICE inline int64_t cell_start(acc_t pixel, int64_t size) {
+  if (!(pixel >= acc_t(-1) && pixel < acc_t(size))) return -2;
+  const int64_t truncated = static_cast<int64_t>(pixel);
+  return truncated - (acc_t(truncated) > pixel ? 1 : 0);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t pixel_per_unit(int64_t size) {
+  return acc_t(0.5) * acc_t(size - 1);
+}
 
 template <typename acc_t>
 C10_HOST_DEVICE inline BilinearTaps<acc_t> bilinear_taps(acc_t disp_row, acc_t disp_col, int64_t height,
                                                          int64_t width) {
+  const acc_t pixel_row = (disp_row + acc_t(1)) * pixel_per_unit<acc_t>(height);
+  const acc_t pixel_col = (disp_col + acc_t(1)) * pixel_per_unit<acc_t>(width);
+  const int64_t row = cell_start(pixel_row, height);
+  const int64_t col = cell_start(pixel_col, width);
   BilinearTaps<acc_t> taps;
-  taps.row_per_unit = acc_t(0.5) * acc_t(height - 1);
-  taps.col_per_unit = acc_t(0.5) * acc_t(width - 1);
-  const acc_t pixel_row = (disp_row + acc_t(1)) * taps.row_per_unit;
-  const acc_t pixel_col = (disp_col + acc_t(1)) * taps.col_per_unit;
-  const acc_t floor_row = ::floor(pixel_row);
-  const acc_t floor_col = ::floor(pixel_col);
-  const bool row_near = floor_row > acc_t(-2) && floor_row < acc_t(height);
-  const bool col_near = floor_col > acc_t(-2) && floor_col < acc_t(width);
-  taps.row = row_near ? static_cast<int64_t>(floor_row) : -2;
-  taps.col = col_near ? static_cast<int64_t>(floor_col) : -2;
-  taps.frac_row = pixel_row - floor_row;
-  taps.frac_col = pixel_col - floor_col;
+  taps.frac_row = row == -2 ? acc_t(0) : pixel_row - acc_t(row);
+  taps.frac_col = col == -2 ? acc_t(0) : pixel_col - acc_t(col);
+  taps.inside = 0;
+  DAT_UNROLL
+  for (int corner = 0; corner < 4; ++corner) {
+    const int down = corner >> 1, right = corner & 1;
+    const int64_t corner_row = row + down, corner_col = col + right;
+    const bool inside = corner_row >= 0 && corner_row < height && corner_col >= 0 && corner_col < width;
+    const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
+    const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
+    taps.offset[corner] = inside ? static_cast<int32_t>(corner_row * width + corner_col) : 0;
+    taps.weight[corner] = inside ? row_weight * col_weight : acc_t(0);
+    taps.inside |= inside ? (1 << corner) : 0;
+  }
   return taps;
-}
-
-C10_HOST_DEVICE inline bool inside_table(int64_t row, int64_t col, int64_t height, int64_t width) {
-  return row >= 0 && row < height && col >= 0 && col < width;
 }
 
 // Bilinear sample of `table` (row-major, height x width); corners outside the table count as zero.
 template <typename acc_t, typename table_t>
-C10_HOST_DEVICE inline acc_t bilinear_sample(const table_t* table, int64_t height, int64_t width,
-                                             const BilinearTaps<acc_t>& taps) {
+C10_HOST_DEVICE inline acc_t bilinear_sample(const table_t* table, const BilinearTaps<acc_t>& taps) {
   acc_t value = 0;
-DAT_UNROLL
-  for (int down = 0; down < 2; ++down) {
-    const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
-DAT_UNROLL
-    for (int right = 0; right < 2; ++right) {
-      const int64_t row = taps.row + down, col = taps.col + right;
-      if (inside_table(row, col, height, width)) {
-        const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
-        value += row_weight * col_weight * static_cast<acc_t>(table[row * width + col]);
-      }
-    }
+  DAT_UNROLL
+  for (int corner = 0; corner < 4; ++corner) {
+    value += taps.weight[corner] * static_cast<acc_t>(table[taps.offset[corner]]);
   }
   return value;
 }
 
-// Backward of bilinear_sample for an upstream gradient `grad`: calls accumulate(index, value) for the
+// Backward of bilinear_sample for an upstream gradient `grad`: calls accumulate(offset, value) for the
 // table gradient of every in-bounds corner, and adds d(sample)/d(displacement) * grad to
 // grad_disp_row / grad_disp_col.
 template <typename acc_t, typename table_t, typename Accumulate>
@@ -91,24 +97,20 @@ C10_HOST_DEVICE inline void bilinear_sample_backward(const table_t* table, int64
                                                      Accumulate&& accumulate, acc_t& grad_disp_row,
                                                      acc_t& grad_disp_col) {
   acc_t d_pixel_row = 0, d_pixel_col = 0;
-DAT_UNROLL
-  for (int down = 0; down < 2; ++down) {
-    const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
-DAT_UNROLL
-    for (int right = 0; right < 2; ++right) {
-      const int64_t row = taps.row + down, col = taps.col + right;
-      if (inside_table(row, col, height, width)) {
-        const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
-        const int64_t index = row * width + col;
-        accumulate(index, grad * row_weight * col_weight);
-        const acc_t corner = static_cast<acc_t>(table[index]);
-        d_pixel_row += (down ? corner : -corner) * col_weight;
-        d_pixel_col += (right ? corner : -corner) * row_weight;
-      }
+  DAT_UNROLL
+  for (int corner = 0; corner < 4; ++corner) {
+    if (taps.inside & (1 << corner)) {
+      const int down = corner >> 1, right = corner & 1;
+      accumulate(taps.offset[corner], grad * taps.weight[corner]);
+      const acc_t value = static_cast<acc_t>(table[taps.offset[corner]]);
+      const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
+      const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
+      d_pixel_row += (down ? value : -value) * col_weight;
+      d_pixel_col += (right ? value : -value) * row_weight;
     }
   }
-  grad_disp_row += grad * d_pixel_row * taps.row_per_unit;
-  grad_disp_col += grad * d_pixel_col * taps.col_per_unit;
+  grad_disp_row += grad * d_pixel_row * pixel_per_unit<acc_t>(height);
+  grad_disp_col += grad * d_pixel_col * pixel_per_unit<acc_t>(width);
 }
 
 // The bias looks the table up at half the query-minus-key position difference (the official rule);

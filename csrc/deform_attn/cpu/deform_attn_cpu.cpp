@@ -108,16 +108,18 @@ void transpose_keys(const scalar_t* rows, int64_t key_count, int64_t head_dim, s
   }
 }
 
+// y += alpha * x. The restrict qualifiers let the compiler vectorise without runtime alias checks.
+template <typename scalar_t>
+inline void add_scaled(int64_t n, scalar_t alpha, const scalar_t* __restrict__ x, scalar_t* __restrict__ y) {
+  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
+}
+
 // out[j] = sum_d vector[d] * transposed[d][j] for the first key_count keys.
 template <typename scalar_t>
 void products_with_keys(const scalar_t* vector, const scalar_t* transposed, int64_t key_count, int64_t head_dim,
                         scalar_t* out) {
   std::fill(out, out + key_count, scalar_t(0));
-  for (int64_t d = 0; d < head_dim; ++d) {
-    const scalar_t factor = vector[d];
-    const scalar_t* row = transposed + d * kKeyTile;
-    for (int64_t j = 0; j < key_count; ++j) out[j] += factor * row[j];
-  }
+  for (int64_t d = 0; d < head_dim; ++d) add_scaled(key_count, vector[d], transposed + d * kKeyTile, out);
 }
 
 // Logits scale * <q_i, k_j> + bias_ij of one query against the keys in buffers.keys_t.
@@ -130,7 +132,7 @@ void query_logits(const Operands<scalar_t>& ops, const scalar_t* query, const sc
                      buffers.logits.data());
   if (table != nullptr) {
     for (int64_t j = 0; j < key_count; ++j) {
-      buffers.logits[j] += bilinear_sample(table, geometry.table_height, geometry.table_width, query_taps[j]);
+      buffers.logits[j] += bilinear_sample(table, query_taps[j]);
     }
   }
 }
@@ -169,8 +171,7 @@ void forward_query_tile(const Operands<scalar_t>& ops, const QueryTile& tile, Ke
         for (int64_t j = 0; j < key_count; ++j) {
           const scalar_t weight = exp_of(logits[j] - running_max[row]);
           running_sum[row] += weight;
-          const scalar_t* value = values + j * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * value[d];
+          add_scaled(head_dim, weight, values + j * head_dim, accumulator);
         }
       }
     }
@@ -245,15 +246,10 @@ void backward_query_tile(const Operands<scalar_t>& ops, const scalar_t* grad_out
         for (int64_t j = 0; j < key_count; ++j) {
           const scalar_t prob = exp_of(buffers.logits[j] - row_logsumexp);
           const scalar_t grad_logit = softmax_logit_grad(prob, grad_probs[j], deltas[row]);
-          const scalar_t* key = keys + j * head_dim;
-          scalar_t* grad_key = sinks.k + key_offset + j * head_dim;
-          scalar_t* grad_value = sinks.v + key_offset + j * head_dim;
-          const scalar_t scaled_grad_logit = grad_logit * ops.scale;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            grad_query[d] += grad_logit * key[d];
-            grad_key[d] += scaled_grad_logit * query[d];
-            grad_value[d] += prob * query_grad_out[d];
-          }
+          const int64_t key_row = key_offset + j * head_dim;
+          add_scaled(head_dim, grad_logit, keys + j * head_dim, grad_query);
+          add_scaled(head_dim, grad_logit * ops.scale, query, sinks.k + key_row);
+          add_scaled(head_dim, prob, query_grad_out, sinks.v + key_row);
           if (table != nullptr) {
             bilinear_sample_backward(
                 table, geometry.table_height, geometry.table_width, query_taps[j], grad_logit,
