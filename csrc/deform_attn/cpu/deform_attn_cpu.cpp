@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -108,6 +110,28 @@ void transpose_keys(const scalar_t* rows, int64_t key_count, int64_t head_dim, s
   }
 }
 
+// exp(x) for x <= ~0 (logit minus running max or logsumexp), written so that loops over it vectorise
+// (libm's expf is one call per element): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// Taylor polynomial for e^r (relative error < 2e-7) and 2^n built in the exponent bits. float64 keeps
+// libm's exp, for gradcheck-grade accuracy.
+inline float exp_vectorisable(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(exponent_bits);
+}
+
+inline double exp_vectorisable(double x) { return exp_of(x); }
+
 // y += alpha * x. The restrict qualifiers let the compiler vectorise without runtime alias checks.
 template <typename scalar_t>
 inline void add_scaled(int64_t n, scalar_t alpha, const scalar_t* __restrict__ x, scalar_t* __restrict__ y) {
@@ -168,11 +192,16 @@ void forward_query_tile(const Operands<scalar_t>& ops, const QueryTile& tile, Ke
         if (factor != scalar_t(1)) {
           for (int64_t d = 0; d < head_dim; ++d) accumulator[d] *= factor;
         }
+        scalar_t* weights = buffers.logits.data();
+        const scalar_t row_max = running_max[row];
+        scalar_t weight_sum = 0;
+#pragma omp simd reduction(+ : weight_sum)
         for (int64_t j = 0; j < key_count; ++j) {
-          const scalar_t weight = exp_of(logits[j] - running_max[row]);
-          running_sum[row] += weight;
-          add_scaled(head_dim, weight, values + j * head_dim, accumulator);
+          weights[j] = exp_vectorisable(weights[j] - row_max);
+          weight_sum += weights[j];
         }
+        running_sum[row] += weight_sum;
+        for (int64_t j = 0; j < key_count; ++j) add_scaled(head_dim, weights[j], values + j * head_dim, accumulator);
       }
     }
   }
@@ -243,9 +272,18 @@ void backward_query_tile(const Operands<scalar_t>& ops, const scalar_t* grad_out
         const int64_t row = h * kQueryTile + i;
         const scalar_t row_logsumexp = logsumexp[query_offset / head_dim];
         scalar_t* grad_query = grad_queries.data() + row * head_dim;
+        // Probabilities overwrite the logits, logit gradients the probability gradients.
+        scalar_t* probs = buffers.logits.data();
+        scalar_t* grad_logits = grad_probs.data();
+        const scalar_t row_delta = deltas[row];
+#pragma omp simd
         for (int64_t j = 0; j < key_count; ++j) {
-          const scalar_t prob = exp_of(buffers.logits[j] - row_logsumexp);
-          const scalar_t grad_logit = softmax_logit_grad(prob, grad_probs[j], deltas[row]);
+          probs[j] = exp_vectorisable(probs[j] - row_logsumexp);
+          grad_logits[j] = softmax_logit_grad(probs[j], grad_logits[j], row_delta);
+        }
+        for (int64_t j = 0; j < key_count; ++j) {
+          const scalar_t prob = probs[j];
+          const scalar_t grad_logit = grad_logits[j];
           const int64_t key_row = key_offset + j * head_dim;
           add_scaled(head_dim, grad_logit, keys + j * head_dim, grad_query);
           add_scaled(head_dim, grad_logit * ops.scale, query, sinks.k + key_row);
