@@ -1,5 +1,6 @@
 """Loading of the optional native extension and the choice between fused and reference kernels."""
 import os
+from typing import Optional
 
 import torch
 
@@ -13,6 +14,9 @@ IMPLS = ('auto', 'fused', 'reference')
 IMPL_ENV = 'DAT_ATTN_IMPL'
 
 
+# Kernels are registered once, when dat._C is imported, so torch.compile may fold the answer into
+# the graph instead of breaking on the dispatcher query.
+@torch.compiler.assume_constant_result
 def native_op_available(op_name: str, device_type: str) -> bool:
     """True when `torch.ops.dat.<op_name>` has a kernel for `device_type` ('cpu' or 'cuda')."""
     if NATIVE_IMPORT_ERROR is not None or not hasattr(torch.ops.dat, op_name):
@@ -23,12 +27,14 @@ def native_op_available(op_name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f'dat::{op_name}', dispatch_key)
 
 
-def resolve_impl(impl, op_name: str, device_type: str) -> str:
+def resolve_impl(impl, op_name: str, device_type: str, unsupported: Optional[str] = None) -> str:
     """Return 'fused' or 'reference' for a call.
 
     `impl` (a model kwarg or a call argument) wins over the `DAT_ATTN_IMPL` environment variable;
-    'auto' takes the fused op when it is built for the device. Asking for 'fused' where it is not
-    built is an error rather than a silent fallback, so benchmarks and tests measure what they name.
+    'auto' takes the fused op when it is built for the device and can take this call (`unsupported`,
+    when given, says why it cannot, e.g. a dtype it has no kernel for). Asking for 'fused' where it is
+    not built or cannot take the call is an error rather than a silent fallback, so benchmarks and
+    tests measure what they name.
     """
     choice = (impl or os.environ.get(IMPL_ENV) or 'auto').lower()
     if choice not in IMPLS:
@@ -37,6 +43,8 @@ def resolve_impl(impl, op_name: str, device_type: str) -> str:
     if choice == 'fused' and not available:
         reason = NATIVE_IMPORT_ERROR or f'dat::{op_name} has no {device_type} kernel in this build'
         raise RuntimeError(f'fused dat::{op_name} requested but not available: {reason}')
+    if choice == 'fused' and unsupported is not None:
+        raise RuntimeError(f'fused dat::{op_name} requested but it cannot take this call: {unsupported}')
     if choice == 'auto':
-        return 'fused' if available else 'reference'
+        return 'fused' if available and unsupported is None else 'reference'
     return choice

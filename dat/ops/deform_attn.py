@@ -13,11 +13,18 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from ._extension import resolve_impl
+from ._extension import NATIVE_IMPORT_ERROR, resolve_impl
 
 # Elements of one (queries x keys) score block in the reference; bounds its peak memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 22
+
+# Input dtypes the fused kernels are built for, per device type.
+FUSED_DTYPES = {
+    'cpu': (torch.float32, torch.float64),
+    'cuda': (torch.float32, torch.float16, torch.bfloat16),
+}
 
 
 def check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe) -> None:
@@ -55,27 +62,94 @@ def relative_position_bias(rpe: torch.Tensor, qpos: torch.Tensor, kpos: torch.Te
     return bias.reshape(B, M, -1, Nk)
 
 
+def _reference_block(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The official math for a block of queries: full (queries x keys) scores, bias, softmax."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if rpe is not None:
+        scores = scores + relative_position_bias(rpe, qpos, kpos)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float,
-                                   block_elements: int = REFERENCE_BLOCK_ELEMENTS) -> torch.Tensor:
-    """The official math, evaluated over blocks of queries so that no (Nq x Nk) tensor is whole."""
+                                   block_elements: Optional[int] = REFERENCE_BLOCK_ELEMENTS) -> torch.Tensor:
+    """The official math, evaluated over blocks of queries so that no (Nq x Nk) tensor is whole.
+
+    When gradients are needed each block is checkpointed (recomputed in backward), so backward memory
+    is bounded by the block size too. `block_elements=None` evaluates the official math in one piece,
+    exactly as the original implementation does (the benchmarks' baseline).
+    """
     B, M, Nq, _ = q.shape
     Nk = k.shape[2]
-    chunk = max(1, block_elements // max(1, B * M * Nk))
+    chunk = Nq if block_elements is None else max(1, block_elements // max(1, B * M * Nk))
+    if chunk >= Nq:
+        return _reference_block(q, k, v, kpos, qpos, rpe, scale)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, kpos, qpos, rpe))
     outputs = []
     for start in range(0, Nq, chunk):
-        stop = min(start + chunk, Nq)
-        scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale
-        if rpe is not None:
-            scores = scores + relative_position_bias(rpe, qpos[start:stop], kpos)
-        outputs.append(torch.matmul(scores.softmax(dim=-1), v))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        block = (q[:, :, start:start + chunk], k, v, kpos, qpos[start:start + chunk], rpe, scale)
+        outputs.append(checkpoint(_reference_block, *block, use_reentrant=False) if needs_grad
+                       else _reference_block(*block))
+    return torch.cat(outputs, dim=2)
+
+
+def _fused_unsupported_reason(q: torch.Tensor) -> Optional[str]:
+    supported = FUSED_DTYPES.get(q.device.type, ())
+    if q.dtype not in supported:
+        return f'no {q.device.type} kernel for {q.dtype} (supported: {", ".join(map(str, supported)) or "none"})'
+    return None
 
 
 def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                          impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatch to the fused `dat::deform_attn` op or the pure-PyTorch reference (see module docstring)."""
+    """Dispatch to the fused `dat::deform_attn` op or the pure-PyTorch reference (see module docstring).
+
+    `impl` is 'auto' (default: fused when built for the device and dtype), 'fused' or 'reference';
+    when None, the `DAT_ATTN_IMPL` environment variable decides.
+    """
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_impl(impl, 'deform_attn', q.device.type) == 'fused':
-        raise NotImplementedError('the fused deformable-attention op is not wired in yet')
+    if resolve_impl(impl, 'deform_attn', q.device.type, _fused_unsupported_reason(q)) == 'fused':
+        return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
+
+
+def _logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Mirrors logsumexp_dtype() in csrc/deform_attn/deform_attn.h.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fused_op() -> None:
+    """Fake kernels (for torch.compile / meta tensors) and autograd for the native op, when it is built."""
+
+    @torch.library.register_fake('dat::deform_attn')
+    def _deform_attn_fake(q, k, v, kpos, qpos, rpe, scale):
+        check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
+        out = q.new_empty(q.shape)
+        return out, q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
+
+    @torch.library.register_fake('dat::deform_attn_backward')
+    def _deform_attn_backward_fake(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):
+        check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
+        grad_rpe = rpe.new_empty(rpe.shape) if rpe is not None else q.new_empty((0,))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), kpos.new_empty(kpos.shape), grad_rpe
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kpos, qpos, rpe, scale = inputs
+        out, logsumexp = output
+        ctx.save_for_backward(q, k, v, kpos, qpos, rpe, out, logsumexp)
+        ctx.scale = scale
+        # logsumexp is saved for the backward; it is not a differentiable result.
+        ctx.mark_non_differentiable(logsumexp)
+
+    def backward(ctx, grad_out, _grad_logsumexp):
+        q, k, v, kpos, qpos, rpe, out, logsumexp = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_kpos, grad_rpe = torch.ops.dat.deform_attn_backward(
+            grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, ctx.scale)
+        return grad_q, grad_k, grad_v, grad_kpos, None, grad_rpe if rpe is not None else None, None
+
+    torch.library.register_autograd('dat::deform_attn', backward, setup_context=setup_context)
+
+
+if NATIVE_IMPORT_ERROR is None and hasattr(torch.ops.dat, 'deform_attn'):
+    _register_fused_op()

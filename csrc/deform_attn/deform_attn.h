@@ -1,0 +1,42 @@
+// Shapes and input validation of dat::deform_attn, shared by its CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace dat {
+namespace deform_attn {
+
+struct Geometry {
+  int64_t batch;
+  int64_t heads;
+  int64_t groups;
+  int64_t queries;
+  int64_t keys;
+  int64_t head_dim;
+  int64_t table_height;  // 0 when there is no relative-position table
+  int64_t table_width;
+
+  int64_t heads_per_group() const { return heads / groups; }
+};
+
+// The per-query logsumexp saved by the forward: float64 for float64 inputs (so that fp64 gradient
+// checks see exact probabilities), float32 for every other dtype.
+inline at::ScalarType logsumexp_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks ranks, shapes, dtypes and devices of the forward inputs (contiguity is not required: the
+// kernels call .contiguous()) and returns the problem geometry.
+Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
+                              const at::Tensor& qpos, const std::optional<at::Tensor>& rpe);
+
+// As check_forward_inputs, plus the saved forward results and the incoming gradient.
+Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& kpos, const at::Tensor& qpos,
+                               const std::optional<at::Tensor>& rpe, const at::Tensor& out,
+                               const at::Tensor& logsumexp);
+
+}  // namespace deform_attn
+}  // namespace dat

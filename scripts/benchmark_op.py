@@ -1,0 +1,192 @@
+"""Benchmark the fused `dat::deform_attn` op against the official (unchunked) deformable-attention math.
+
+Both run in the same invocation, on the same inputs, forward and forward+backward, at DAT / DAT++ shapes.
+Every measurement runs in a fresh subprocess, so that peak memory is that of the measured call alone:
+on CPU the growth of the peak resident set size (getrusage) over the resident size once the inputs
+exist; on CUDA torch.cuda.max_memory_allocated over the allocated bytes once the inputs exist.
+
+    OMP_NUM_THREADS=2 python scripts/benchmark_op.py                 # CPU, float32
+    python scripts/benchmark_op.py --device cuda --dtypes float32 float16
+    python scripts/benchmark_op.py --cases detection --modes forward  # a subset
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (batch, heads, groups, query grid, key grid, head_dim, table)
+CASES = {
+    'dat-t-stage3': (8, 12, 3, (14, 14), (14, 14), 32, (27, 27)),
+    'datpp-b-stage1': (8, 4, 2, (56, 56), (7, 7), 32, (111, 111)),
+    'detection': (1, 4, 2, (200, 336), (25, 42), 32, (111, 111)),
+}
+IMPLS = ('fused', 'reference')
+MODES = ('forward', 'forward+backward')
+
+
+def make_inputs(case, dtype, device, requires_grad):
+    import torch
+    batch, heads, groups, query_grid, key_grid, head_dim, table = CASES[case]
+    queries, keys = query_grid[0] * query_grid[1], key_grid[0] * key_grid[1]
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, low=None):
+        values = torch.rand(*shape, generator=generator) * 2 - 1 if low is not None else torch.randn(
+            *shape, generator=generator)
+        return values.to(device=device, dtype=dtype)
+
+    inputs = dict(q=tensor(batch, heads, queries, head_dim), k=tensor(batch, heads, keys, head_dim),
+                  v=tensor(batch, heads, keys, head_dim), kpos=tensor(batch, groups, keys, 2, low=-1),
+                  qpos=tensor(queries, 2, low=-1), rpe=tensor(heads, *table) * 0.1)
+    for name in ('q', 'k', 'v', 'kpos', 'rpe'):
+        inputs[name].requires_grad_(requires_grad)
+    grad_out = tensor(batch, heads, queries, head_dim) if requires_grad else None
+    return inputs, grad_out
+
+
+def fused_io_bytes(case, dtype_bytes, backward):
+    """Bytes the fused op must move at least: every input read once, every output written once."""
+    batch, heads, groups, query_grid, key_grid, head_dim, table = CASES[case]
+    queries, keys = query_grid[0] * query_grid[1], key_grid[0] * key_grid[1]
+    query_side = batch * heads * queries * head_dim * dtype_bytes  # one of q, out, grad_out, grad_q
+    key_side = batch * heads * keys * head_dim * dtype_bytes  # one of k, v, grad_k, grad_v
+    positions = (batch * groups * keys + queries) * 2 * dtype_bytes
+    table_bytes = heads * table[0] * table[1] * dtype_bytes
+    logsumexp = batch * heads * queries * 4
+    forward = 2 * query_side + 2 * key_side + positions + table_bytes + logsumexp
+    if not backward:
+        return forward
+    # backward reads grad_out, q, k, v, out, logsumexp, positions, table; writes grad_q, grad_k, grad_v,
+    # grad_kpos and grad_rpe.
+    return forward + (3 * query_side + 4 * key_side + positions + batch * groups * keys * 2 * dtype_bytes
+                      + 2 * table_bytes + logsumexp)
+
+
+def resident_bytes():
+    with open('/proc/self/statm') as statm:
+        return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def measure(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
+    """Runs in the worker subprocess: returns median seconds per call and peak extra bytes."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from dat.ops.deform_attn import deformable_attention, deformable_attention_reference
+
+    dtype = getattr(torch, dtype_name)
+    backward = mode == 'forward+backward'
+    inputs, grad_out = make_inputs(case, dtype, device, backward)
+    scale = inputs['q'].shape[-1] ** -0.5
+
+    def call():
+        if impl == 'fused':
+            out = deformable_attention(**inputs, scale=scale, impl='fused')
+        else:  # the official math, in one piece, as the original implementation evaluates it
+            out = deformable_attention_reference(**inputs, scale=scale, block_elements=None)
+        if backward:
+            grads = torch.autograd.grad(out, [inputs[n] for n in ('q', 'k', 'v', 'kpos', 'rpe')], grad_out)
+            del grads
+        del out
+
+    def synchronize():
+        if device == 'cuda':
+            torch.cuda.synchronize()
+
+    with torch.set_grad_enabled(backward):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+        else:
+            baseline = resident_bytes()
+        times = []
+        while len(times) < max_repeats and (len(times) < 2 or sum(times) < min_seconds):
+            synchronize()
+            start = time.perf_counter()
+            call()
+            synchronize()
+            times.append(time.perf_counter() - start)
+            if times[0] > min_seconds:  # one slow call is measurement enough
+                break
+        if device == 'cuda':
+            peak = torch.cuda.max_memory_allocated() - baseline
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    # The first call includes one-time costs (allocator growth, CUDA context) when there are others.
+    steady = times[1:] if len(times) > 1 else times
+    return dict(seconds=statistics.median(steady), peak_bytes=max(peak, 0), calls=len(times))
+
+
+def run_worker(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
+    command = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(
+        dict(case=case, impl=impl, mode=mode, dtype_name=dtype_name, device=device, min_seconds=min_seconds,
+             max_repeats=max_repeats))]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if completed.returncode != 0:
+        return dict(error=(completed.stderr.strip().splitlines() or ['failed'])[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def format_bytes(count):
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if count < 1024 or unit == 'GiB':
+            return f'{count:.0f} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
+        count /= 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    parser.add_argument('--dtypes', nargs='+', default=None,
+                        help='default: float32 on CPU, float32 and float16 on CUDA')
+    parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
+    parser.add_argument('--min-seconds', type=float, default=2.0, help='time budget per measurement')
+    parser.add_argument('--max-repeats', type=int, default=20)
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return
+
+    import torch
+    dtypes = args.dtypes or (['float32'] if args.device == 'cpu' else ['float32', 'float16'])
+    threads = torch.get_num_threads() if args.device == 'cpu' else None
+    device_name = f'CPU, {threads} threads' if threads else torch.cuda.get_device_name()
+    print(f'dat::deform_attn vs official math on {device_name} (torch {torch.__version__}); '
+          'time = median seconds per call, memory = peak growth over the inputs')
+    header = (f'{"case":<15} {"dtype":<8} {"mode":<17} {"fused s":>9} {"ref s":>9} {"speedup":>8} '
+              f'{"fused mem":>10} {"ref mem":>10} {"mem ratio":>9}')
+    if args.device == 'cuda':
+        header += f' {"fused GB/s":>10}'
+    print(header)
+    for case in args.cases:
+        for dtype_name in dtypes:
+            for mode in args.modes:
+                results = {impl: run_worker(case, impl, mode, dtype_name, args.device, args.min_seconds,
+                                            args.max_repeats) for impl in IMPLS}
+                fused, reference = results['fused'], results['reference']
+                if 'error' in fused or 'error' in reference:
+                    print(f'{case:<15} {dtype_name:<8} {mode:<17} fused: {fused.get("error", "ok")}; '
+                          f'reference: {reference.get("error", "ok")}')
+                    continue
+                speedup = reference['seconds'] / fused['seconds']
+                memory_ratio = reference['peak_bytes'] / max(fused['peak_bytes'], 1)
+                line = (f'{case:<15} {dtype_name:<8} {mode:<17} {fused["seconds"]:>9.4f} '
+                        f'{reference["seconds"]:>9.4f} {speedup:>7.2f}x {format_bytes(fused["peak_bytes"]):>10} '
+                        f'{format_bytes(reference["peak_bytes"]):>10} {memory_ratio:>8.1f}x')
+                if args.device == 'cuda':
+                    element = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+                    moved = fused_io_bytes(case, element, mode == 'forward+backward')
+                    line += f' {moved / fused["seconds"] / 1e9:>10.1f}'
+                print(line, flush=True)
+
+
+if __name__ == '__main__':
+    main()

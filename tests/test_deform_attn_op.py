@@ -1,0 +1,375 @@
+"""The fused deformable-attention op `dat::deform_attn` against the pure-PyTorch reference and fp64 gradcheck."""
+import pytest
+import torch
+
+import dat.ops.deform_attn as deform_attn_module
+from dat.ops import deformable_attention, deformable_attention_reference, native_op_available
+from dat.ops._extension import IMPL_ENV
+
+CPU_OP = native_op_available('deform_attn', 'cpu')
+CUDA_OP = torch.cuda.is_available() and native_op_available('deform_attn', 'cuda')
+needs_cpu_op = pytest.mark.skipif(not CPU_OP, reason='dat._C is not built with the dat::deform_attn CPU kernel')
+needs_cuda_op = pytest.mark.skipif(not CUDA_OP, reason='needs a CUDA device and dat._C built with CUDA kernels')
+
+
+def make_inputs(batch, heads, groups, queries, keys, head_dim, table, dtype=torch.float64, device='cpu',
+                key_spread=1.0, seed=0):
+    """Random inputs; key positions span [-key_spread, key_spread] so that displacements (qpos - kpos) / 2
+    cross the table border (spread > 1) or leave it entirely (spread > 3)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    tensors = dict(
+        q=randn(batch, heads, queries, head_dim),
+        k=randn(batch, heads, keys, head_dim),
+        v=randn(batch, heads, keys, head_dim),
+        kpos=(rand(batch, groups, keys, 2) * 2 - 1) * key_spread,
+        qpos=rand(queries, 2) * 2 - 1,
+        rpe=randn(heads, *table) if table is not None else None,
+    )
+    return {name: t.to(device=device, dtype=dtype) if t is not None else None for name, t in tensors.items()}
+
+
+def fused(q, k, v, kpos, qpos, rpe, scale):
+    return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
+
+
+DIFFERENTIABLE = ('q', 'k', 'v', 'kpos', 'rpe')
+
+# (batch, heads, groups, queries, keys, head_dim, table, key_spread): odd/even/non-square tables, query
+# and key counts on both sides of the kernel tiles (32 queries, 64 keys), displacements inside, across
+# and fully outside the table border, and no table.
+GRADCHECK_CASES = [
+    (1, 2, 1, 5, 7, 4, (5, 5), 1.0),
+    (1, 4, 2, 9, 3, 3, (4, 6), 2.0),
+    (1, 2, 2, 4, 66, 2, (3, 7), 2.5),
+    (1, 2, 2, 37, 5, 2, (8, 3), 1.5),
+    (1, 2, 1, 6, 5, 3, (5, 4), 5.0),
+    (1, 1, 1, 3, 4, 3, (1, 6), 1.0),
+    (2, 2, 1, 6, 5, 3, None, 1.0),
+]
+
+
+@needs_cpu_op
+@pytest.mark.parametrize('case', GRADCHECK_CASES, ids=lambda c: '-'.join(map(str, c)))
+def test_cpu_gradcheck_fp64(case):
+    *shape, key_spread = case
+    inputs = make_inputs(*shape, key_spread=key_spread)
+    names = [n for n in DIFFERENTIABLE if inputs[n] is not None]
+    leaves = [inputs[n].requires_grad_() for n in names]
+
+    def fn(*tensors):
+        args = dict(inputs, **dict(zip(names, tensors)))
+        return fused(args['q'], args['k'], args['v'], args['kpos'], args['qpos'], args['rpe'], 0.7)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_cpu_op
+def test_cpu_fully_outside_table_matches_no_bias():
+    inputs = make_inputs(1, 2, 1, 6, 5, 4, (7, 7))
+    inputs['kpos'] = inputs['kpos'] * 0.1 + 8.0  # every displacement is far outside [-1, 1]
+    kpos = inputs['kpos'].requires_grad_()
+    rpe = inputs['rpe'].requires_grad_()
+    out = fused(inputs['q'], inputs['k'], inputs['v'], kpos, inputs['qpos'], rpe, 0.5)
+    expected = fused(inputs['q'], inputs['k'], inputs['v'], kpos.detach(), inputs['qpos'], None, 0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+    out.sum().backward()
+    assert torch.count_nonzero(kpos.grad) == 0 and torch.count_nonzero(rpe.grad) == 0
+
+
+def reference_outputs_and_grads(inputs, scale, grad_out, block_elements=None):
+    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in DIFFERENTIABLE if inputs[n] is not None}
+    args = dict(inputs, **leaves)
+    out = deformable_attention_reference(args['q'], args['k'], args['v'], args['kpos'], args['qpos'], args['rpe'],
+                                         scale, block_elements=block_elements)
+    out.backward(grad_out)
+    return out.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def fused_outputs_and_grads(inputs, scale, grad_out):
+    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in DIFFERENTIABLE if inputs[n] is not None}
+    args = dict(inputs, **leaves)
+    out = fused(args['q'], args['k'], args['v'], args['kpos'], args['qpos'], args['rpe'], scale)
+    out.backward(grad_out)
+    return out.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def assert_grads_close(grads, expected_grads, rtol, atol):
+    """Gradients (converted to the expected dtype and device) within tolerance relative to each gradient's
+    magnitude: kpos and rpe gradients sum over many (query, key) pairs."""
+    for name, expected in expected_grads.items():
+        actual = grads[name].to(device=expected.device, dtype=expected.dtype) if expected is not None else grads[name]
+        if expected is None:  # kpos without a table: the reference does not use it, the op returns zeros
+            assert torch.count_nonzero(actual) == 0, name
+            continue
+        magnitude = expected.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(actual / magnitude, expected / magnitude, rtol=rtol, atol=atol,
+                                   msg=lambda m: f'grad {name}: {m}')
+
+
+# Larger fp32 cases: DAT-like head_dim 32, tables of the DAT sizes (odd, 2 * window - 1) and non-square.
+FP32_CASES = [
+    (2, 6, 3, 150, 130, 32, (27, 27), 1.2),
+    (1, 4, 2, 200, 49, 32, (111, 111), 1.0),
+    (2, 2, 1, 70, 100, 20, (14, 9), 2.0),
+    (1, 3, 1, 40, 66, 16, None, 1.0),
+]
+
+
+@needs_cpu_op
+@pytest.mark.parametrize('case', FP32_CASES, ids=lambda c: '-'.join(map(str, c)))
+def test_cpu_fp32_matches_reference(case):
+    *shape, key_spread = case
+    inputs = make_inputs(*shape, dtype=torch.float32, key_spread=key_spread, seed=1)
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(2))
+    scale = shape[5] ** -0.5
+    expected_out, expected_grads = reference_outputs_and_grads(inputs, scale, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, scale, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_op
+def test_cpu_fp64_matches_reference_tightly():
+    inputs = make_inputs(2, 4, 2, 45, 70, 8, (9, 12), key_spread=1.5, seed=3)
+    grad_out = torch.randn(inputs['q'].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.3, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, 0.3, grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    assert_grads_close(grads, expected_grads, rtol=1e-11, atol=1e-11)
+
+
+@needs_cpu_op
+def test_cpu_logsumexp_is_the_softmax_normaliser():
+    inputs = make_inputs(1, 2, 2, 10, 80, 4, (5, 5), key_spread=1.5)
+    out, logsumexp = torch.ops.dat.deform_attn(*inputs.values(), 0.5)
+    logits = inputs['q'] @ inputs['k'].transpose(-1, -2) * 0.5 + deform_attn_module.relative_position_bias(
+        inputs['rpe'], inputs['qpos'], inputs['kpos'])
+    torch.testing.assert_close(logsumexp, logits.logsumexp(-1), rtol=1e-12, atol=1e-12)
+    assert logsumexp.dtype == torch.float64
+
+
+@needs_cpu_op
+def test_cpu_non_contiguous_inputs():
+    inputs = make_inputs(1, 2, 1, 12, 9, 6, (5, 7), dtype=torch.float32)
+    q_t = inputs['q'].transpose(2, 3).contiguous().transpose(2, 3)
+    k_t = inputs['k'].transpose(2, 3).contiguous().transpose(2, 3)
+    qpos_t = inputs['qpos'].t().contiguous().t()
+    assert not q_t.is_contiguous()
+    out = fused(q_t, k_t, inputs['v'], inputs['kpos'], qpos_t, inputs['rpe'], 0.4)
+    torch.testing.assert_close(out, fused(*inputs.values(), 0.4), rtol=0, atol=0)
+
+
+@needs_cpu_op
+def test_cpu_opcheck():
+    inputs = make_inputs(1, 2, 1, 6, 5, 4, (5, 6), dtype=torch.float32, key_spread=1.5)
+    for name in DIFFERENTIABLE:
+        inputs[name].requires_grad_()
+    torch.library.opcheck(torch.ops.dat.deform_attn.default, (*inputs.values(), 0.5))
+    no_table = dict(inputs, rpe=None)
+    torch.library.opcheck(torch.ops.dat.deform_attn.default, (*no_table.values(), 0.5))
+
+
+@needs_cpu_op
+def test_cpu_torch_compile_fullgraph():
+    # The aot_eager backend exercises what fullgraph needs (Dynamo tracing through the dispatcher, the fake
+    # kernels, the autograd formula) without Inductor's C++ code generation, which takes ~1 min on 2 cores.
+    inputs = make_inputs(1, 4, 2, 20, 9, 8, (7, 7), dtype=torch.float32, key_spread=1.5)
+
+    def attention_sum(q, k, v, kpos, qpos, rpe):
+        return (deformable_attention(q, k, v, kpos, qpos, rpe, impl='fused') * 2).sum()
+
+    compiled = torch.compile(attention_sum, fullgraph=True, backend='aot_eager')
+    leaves = {n: inputs[n].clone().requires_grad_() for n in DIFFERENTIABLE}
+    total = compiled(**dict(inputs, **leaves))
+    total.backward()
+    expected_leaves = {n: inputs[n].clone().requires_grad_() for n in DIFFERENTIABLE}
+    expected_total = attention_sum(**dict(inputs, **expected_leaves))
+    expected_total.backward()
+    torch.testing.assert_close(total, expected_total)
+    for name in DIFFERENTIABLE:
+        torch.testing.assert_close(leaves[name].grad, expected_leaves[name].grad)
+
+
+def test_reference_blocks_and_checkpointing_match_unchunked():
+    inputs = make_inputs(1, 2, 1, 30, 11, 4, (6, 6), key_spread=1.5)
+    grad_out = torch.randn(inputs['q'].shape, dtype=torch.float64)
+    expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.5, grad_out, block_elements=None)
+    # 2 * 11 * 4 elements per block: 4 queries at a time, each block checkpointed.
+    out, grads = reference_outputs_and_grads(inputs, 0.5, grad_out, block_elements=2 * 11 * 4)
+    torch.testing.assert_close(out, expected_out, rtol=1e-13, atol=1e-13)
+    assert_grads_close(grads, expected_grads, rtol=1e-12, atol=1e-12)
+
+
+class ReferenceSpy:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = deform_attn_module.deformable_attention_reference
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(deform_attn_module, 'deformable_attention_reference', spy)
+
+
+def test_dispatch_reference_by_argument_and_env(monkeypatch):
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
+    spy = ReferenceSpy(monkeypatch)
+    deformable_attention(**inputs, impl='reference')
+    assert spy.calls == 1
+    monkeypatch.setenv(IMPL_ENV, 'reference')
+    deformable_attention(**inputs)
+    assert spy.calls == 2
+    monkeypatch.setenv(IMPL_ENV, 'nonsense')
+    with pytest.raises(ValueError, match='attention impl must be one of'):
+        deformable_attention(**inputs)
+
+
+@needs_cpu_op
+def test_dispatch_fused_by_default_and_env(monkeypatch):
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
+    spy = ReferenceSpy(monkeypatch)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    out = deformable_attention(**inputs)
+    monkeypatch.setenv(IMPL_ENV, 'fused')
+    deformable_attention(**inputs)
+    assert spy.calls == 0
+    torch.testing.assert_close(out, fused(*inputs.values(), 4 ** -0.5), rtol=0, atol=0)
+    # The argument wins over the environment.
+    deformable_attention(**inputs, impl='reference')
+    assert spy.calls == 1
+
+
+@needs_cpu_op
+def test_dispatch_unsupported_dtype(monkeypatch):
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.bfloat16)
+    spy = ReferenceSpy(monkeypatch)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    deformable_attention(**inputs)  # auto: no CPU bfloat16 kernel, so the reference
+    assert spy.calls == 1
+    with pytest.raises(RuntimeError, match='cannot take this call: no cpu kernel for torch.bfloat16'):
+        deformable_attention(**inputs, impl='fused')
+    with pytest.raises(RuntimeError, match='supports float32 and float64'):
+        torch.ops.dat.deform_attn(*inputs.values(), 0.5)
+
+
+@pytest.mark.skipif(CPU_OP, reason='checks the error when the extension is missing; it is built here')
+def test_dispatch_fused_without_extension_is_an_error():
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match='requested but not available'):
+        deformable_attention(**inputs, impl='fused')
+
+
+BAD_INPUTS = [
+    (dict(q=torch.zeros(1, 2, 5)), 'must be \\(B, heads, N, head_dim\\)'),
+    (dict(k=torch.zeros(1, 2, 6, 3), v=torch.zeros(1, 2, 6, 3)), 'k and v must be'),
+    (dict(kpos=torch.zeros(1, 1, 7, 2)), 'kpos must be'),
+    (dict(kpos=torch.zeros(1, 3, 6, 2)), 'cannot be split evenly'),
+    (dict(qpos=torch.zeros(4, 2)), 'qpos must be'),
+    (dict(rpe=torch.zeros(3, 5, 5)), 'rpe must be'),
+    (dict(v=torch.zeros(1, 2, 6, 4, dtype=torch.float64)), 'dtype'),
+]
+
+
+@pytest.mark.parametrize('bad, message', BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs_are_rejected(bad, message):
+    inputs = dict(make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32), **bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        deformable_attention(**inputs)
+    if CPU_OP:  # the op checks its inputs itself too, for callers that bypass the Python wrapper
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dat.deform_attn(*inputs.values(), 0.5)
+
+
+@needs_cpu_op
+def test_op_rejects_empty_keys_and_bad_logsumexp():
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
+    empty = dict(inputs, k=inputs['k'][:, :, :0], v=inputs['v'][:, :, :0], kpos=inputs['kpos'][:, :, :0])
+    with pytest.raises(RuntimeError, match='at least one key'):
+        torch.ops.dat.deform_attn(*empty.values(), 0.5)
+    out, logsumexp = torch.ops.dat.deform_attn(*inputs.values(), 0.5)
+    with pytest.raises(RuntimeError, match='logsumexp must be'):
+        torch.ops.dat.deform_attn_backward(out, *inputs.values(), out, logsumexp.double(), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+def cuda_case(dtype, table=(27, 27), head_dim=32, seed=5):
+    return make_inputs(2, 6, 3, 150, 140, head_dim, table, dtype=dtype, device='cuda', key_spread=1.3, seed=seed)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize('head_dim', [32, 20, 64, 128])
+def test_cuda_fp32_matches_reference(head_dim):
+    inputs = cuda_case(torch.float32, head_dim=head_dim)
+    grad_out = torch.randn(inputs['q'].shape, device='cuda', generator=torch.Generator('cuda').manual_seed(6))
+    scale = head_dim ** -0.5
+    expected_out, expected_grads = reference_outputs_and_grads(inputs, scale, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, scale, grad_out)
+    # float32 atomics reorder the sums, hence 1e-4.
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda_op
+def test_cuda_no_table_and_large_table_fall_back_paths():
+    # A 300 x 300 table does not fit in shared memory: grad_rpe goes straight to global atomics.
+    for table in (None, (300, 300)):
+        inputs = cuda_case(torch.float32, table=table, seed=7)
+        grad_out = torch.randn(inputs['q'].shape, device='cuda')
+        expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.2, grad_out)
+        out, grads = fused_outputs_and_grads(inputs, 0.2, grad_out)
+        torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+        assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_close_to_fp32_reference(dtype):
+    inputs = cuda_case(dtype)
+    grad_out = torch.randn(inputs['q'].shape, device='cuda', dtype=dtype)
+    as_fp32 = {n: t.float() if t is not None else None for n, t in inputs.items()}
+    expected_out, expected_grads = reference_outputs_and_grads(as_fp32, 32 ** -0.5, grad_out.float())
+    out, grads = fused_outputs_and_grads(inputs, 32 ** -0.5, grad_out)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(out.float(), expected_out, **tolerance)
+    assert_grads_close(grads, expected_grads, **tolerance)
+
+
+@needs_cuda_op
+def test_cuda_fp32_gradients_match_cpu_fp64():
+    # fp64 has no CUDA kernel; compare the CUDA gradients with the (gradchecked) CPU op instead.
+    inputs = make_inputs(1, 4, 2, 70, 40, 8, (9, 7), key_spread=1.5, seed=8)
+    grad_out = torch.randn(inputs['q'].shape, dtype=torch.float64)
+    expected_out, expected_grads = fused_outputs_and_grads(inputs, 0.4, grad_out) if CPU_OP else \
+        reference_outputs_and_grads(inputs, 0.4, grad_out)
+    on_cuda = {n: t.float().cuda() if t is not None else None for n, t in inputs.items()}
+    out, grads = fused_outputs_and_grads(on_cuda, 0.4, grad_out.float().cuda())
+    torch.testing.assert_close(out.double().cpu(), expected_out, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda_op
+def test_cuda_opcheck():
+    inputs = make_inputs(1, 2, 1, 70, 40, 32, (7, 9), dtype=torch.float32, device='cuda', key_spread=1.5)
+    for name in DIFFERENTIABLE:
+        inputs[name].requires_grad_()
+    torch.library.opcheck(torch.ops.dat.deform_attn.default, (*inputs.values(), 0.5))
+
+
+@needs_cuda_op
+def test_cuda_dispatch_and_unsupported_dtype():
+    inputs = cuda_case(torch.float64)
+    with pytest.raises(RuntimeError, match='cannot take this call: no cuda kernel for torch.float64'):
+        deformable_attention(**inputs, impl='fused')
+    with pytest.raises(RuntimeError, match='supports float32, float16 and bfloat16'):
+        torch.ops.dat.deform_attn(*inputs.values(), 0.5)
