@@ -11,7 +11,6 @@
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-import torch
 
 from dat.checkpoint import checkpoint_filter_fn, load_checkpoint_file
 from dat.models.dat import DeformableAttentionTransformer

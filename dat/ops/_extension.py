@@ -1,6 +1,6 @@
 """Loading of the optional native extension and the choice between fused and reference kernels."""
 import os
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -48,3 +48,12 @@ def resolve_impl(impl, op_name: str, device_type: str, unsupported: Optional[str
     if choice == 'auto':
         return 'fused' if available and unsupported is None else 'reference'
     return choice
+
+
+def unsupported_dtype(dtype: torch.dtype, device_type: str, fused_dtypes: Dict[str, Tuple[torch.dtype, ...]]
+                      ) -> Optional[str]:
+    """Why a fused kernel cannot take `dtype` on `device_type` (for `resolve_impl`), or None when it can."""
+    supported = fused_dtypes.get(device_type, ())
+    if dtype in supported:
+        return None
+    return f'no {device_type} kernel for {dtype} (supported: {", ".join(map(str, supported)) or "none"})'

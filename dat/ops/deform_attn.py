@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._extension import NATIVE_IMPORT_ERROR, resolve_impl
+from ._extension import NATIVE_IMPORT_ERROR, resolve_impl, unsupported_dtype
 
 # Elements of one (queries x keys) score block in the reference; bounds its peak memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 22
@@ -93,13 +93,6 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
     return torch.cat(outputs, dim=2)
 
 
-def _fused_unsupported_reason(q: torch.Tensor) -> Optional[str]:
-    supported = FUSED_DTYPES.get(q.device.type, ())
-    if q.dtype not in supported:
-        return f'no {q.device.type} kernel for {q.dtype} (supported: {", ".join(map(str, supported)) or "none"})'
-    return None
-
-
 def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                          impl: Optional[str] = None) -> torch.Tensor:
     """Dispatch to the fused `dat::deform_attn` op or the pure-PyTorch reference (see module docstring).
@@ -109,7 +102,7 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
     """
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_impl(impl, 'deform_attn', q.device.type, _fused_unsupported_reason(q)) == 'fused':
+    if resolve_impl(impl, 'deform_attn', q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
         return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
 

@@ -9,13 +9,12 @@ location (x, y) in [0, 1], i.e. pixel coordinate (x * W_l - 0.5, y * H_l - 0.5) 
 align_corners=False convention), with zeros outside the level. Sampling locations are
 (N, Lq, M, L, P, 2) (x, y) pairs; attention weights are (N, Lq, M, L, P); the output is (N, Lq, M * D).
 """
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._extension import IMPL_ENV, resolve_impl
+from ._extension import resolve_impl, unsupported_dtype
 
 OP_NAME = 'ms_deform_attn'
 FUSED_DTYPES = {
@@ -95,20 +94,6 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return output.reshape(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
-# Evaluated once while torch.compile traces (dynamo cannot trace the dispatcher query inside), so a
-# compiled graph keeps the choice made when it was traced.
-@torch.compiler.assume_constant_result
-def choose_impl(impl: Optional[str], device_type: str, dtype: torch.dtype) -> str:
-    """'fused' or 'reference': `resolve_impl`, plus 'auto' falling back for dtypes the kernel does not take."""
-    choice = resolve_impl(impl, OP_NAME, device_type)
-    if choice == 'fused' and dtype not in FUSED_DTYPES.get(device_type, ()):
-        if (impl or os.environ.get(IMPL_ENV) or 'auto').lower() != 'auto':
-            raise RuntimeError(f'fused dat::{OP_NAME} on {device_type} supports '
-                               f'{[str(d) for d in FUSED_DTYPES.get(device_type, ())]}, got {dtype}')
-        choice = 'reference'
-    return choice
-
-
 def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights, impl: Optional[str] = None) -> torch.Tensor:
     """Dispatch to the fused `dat::ms_deform_attn` op or the reference (see the module docstring).
@@ -119,7 +104,8 @@ def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, s
     kernel takes at most 16 levels.
     """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if choose_impl(impl, value.device.type, value.dtype) == 'fused':
+    if resolve_impl(impl, OP_NAME, value.device.type,
+                    unsupported_dtype(value.dtype, value.device.type, FUSED_DTYPES)) == 'fused':
         return torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                             attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,

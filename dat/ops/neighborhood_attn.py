@@ -23,9 +23,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._extension import NATIVE_IMPORT_ERROR, resolve_impl
+from ._extension import NATIVE_IMPORT_ERROR, resolve_impl, unsupported_dtype
 
 OP_NAME = 'neighborhood_attn'
+FUSED_DTYPES = {
+    'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
 # Elements of one gathered (queries x window x head_dim) block in the reference; bounds its forward memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 23
 
@@ -107,7 +111,7 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     """Dispatch to the fused `dat::neighborhood_attn` op or the pure-PyTorch reference (see module docstring)."""
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_impl(impl, OP_NAME, q.device.type) == 'fused':
+    if resolve_impl(impl, OP_NAME, q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
         out, _ = torch.ops.dat.neighborhood_attn(q.contiguous(), k.contiguous(), v.contiguous(), rpb.contiguous(),
                                                  kernel_size, dilation, scale)
         return out
