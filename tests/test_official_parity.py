@@ -26,28 +26,21 @@ def _layouts():
     return json.loads(official_fixture('official_layouts.json').read_text())
 
 
-def test_dat_fixture_logits_and_stages():
-    config, state_dict, tensors = _load_fixture('dat_v1_mini_seed0.safetensors')
-    assert detect_generation(config) == 'dat'
+@pytest.mark.parametrize('fixture,generation,stage_tolerance', [
+    ('dat_v1_mini_seed0.safetensors', 'dat', 1e-5),
+    # the deep DAT++ stages carry larger magnitudes (see the fixture README)
+    ('dat_pp_mini_seed0.safetensors', 'dat_pp', 1e-4),
+])
+def test_fixture_logits_and_stages(fixture, generation, stage_tolerance):
+    config, state_dict, tensors = _load_fixture(fixture)
+    assert detect_generation(config) == generation
     model = load_official(config, {'model': state_dict})
     with torch.no_grad():
         final, stages = model.forward_intermediates(tensors['input_224'])
         logits = model.forward_head(final)
     torch.testing.assert_close(logits, tensors['logits_224'], atol=1e-5, rtol=0)
     for i, stage in enumerate(stages):
-        torch.testing.assert_close(stage, tensors[f'stage{i}_224'], atol=1e-5, rtol=0)
-
-
-def test_dat_pp_fixture_logits_and_stages():
-    config, state_dict, tensors = _load_fixture('dat_pp_mini_seed0.safetensors')
-    assert detect_generation(config) == 'dat_pp'
-    model = load_official(config, {'model': state_dict})
-    with torch.no_grad():
-        final, stages = model.forward_intermediates(tensors['input_224'])
-        logits = model.forward_head(final)
-    torch.testing.assert_close(logits, tensors['logits_224'], atol=1e-5, rtol=0)
-    for i, stage in enumerate(stages):
-        torch.testing.assert_close(stage, tensors[f'stage{i}_224'], atol=1e-4, rtol=0)
+        torch.testing.assert_close(stage, tensors[f'stage{i}_224'], atol=stage_tolerance, rtol=0)
 
 
 def test_dat_fixture_deformed_positions():
