@@ -43,13 +43,14 @@ def measure(model_name, impl, size, batch, train, backbone, device, amp, repeats
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    step()  # warm-up (kernels, caches, allocator)
+    # the peak is measured from before the warm-up pass: on the CPU, peak RSS never goes back down
     if device == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up (kernels, caches, allocator)
     start = time.perf_counter()
     for _ in range(repeats):
         step()
