@@ -27,6 +27,21 @@ inline at::ScalarType logsumexp_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The inputs made contiguous (kernels index them densely); rpe is undefined when absent.
+struct ContiguousInputs {
+  at::Tensor q, k, v, kpos, qpos, rpe;
+
+  ContiguousInputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kpos_in,
+                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in)
+      : q(q_in.contiguous()), k(k_in.contiguous()), v(v_in.contiguous()), kpos(kpos_in.contiguous()),
+        qpos(qpos_in.contiguous()), rpe(rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor()) {}
+
+  template <typename scalar_t>
+  const scalar_t* table() const {
+    return rpe.defined() ? rpe.data_ptr<scalar_t>() : nullptr;
+  }
+};
+
 // Checks ranks, shapes, dtypes and devices of the forward inputs (contiguity is not required: the
 // kernels call .contiguous()) and returns the problem geometry.
 Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,

@@ -140,17 +140,11 @@ void check_cpu_dtype(const at::Tensor& q) {
 }
 
 template <typename scalar_t>
-Operands<scalar_t> make_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& kpos, const at::Tensor& qpos, const at::Tensor& rpe, double scale,
-                                 const Geometry& geometry) {
-  return Operands<scalar_t>{q.data_ptr<scalar_t>(),
-                            k.data_ptr<scalar_t>(),
-                            v.data_ptr<scalar_t>(),
-                            kpos.data_ptr<scalar_t>(),
-                            qpos.data_ptr<scalar_t>(),
-                            rpe.defined() ? rpe.data_ptr<scalar_t>() : nullptr,
-                            static_cast<scalar_t>(scale),
-                            geometry};
+Operands<scalar_t> make_operands(const ContiguousInputs& inputs, double scale, const Geometry& geometry) {
+  return Operands<scalar_t>{inputs.q.data_ptr<scalar_t>(),    inputs.k.data_ptr<scalar_t>(),
+                            inputs.v.data_ptr<scalar_t>(),    inputs.kpos.data_ptr<scalar_t>(),
+                            inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(),
+                            static_cast<scalar_t>(scale),     geometry};
 }
 
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -159,16 +153,15 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
   const Geometry geometry = check_forward_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   check_cpu_dtype(q_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor kpos = kpos_in.contiguous(), qpos = qpos_in.contiguous();
-  const at::Tensor rpe = rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor();
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const at::Tensor& q = inputs.q;
   at::Tensor out = at::empty_like(q);
   at::Tensor logsumexp = at::empty({geometry.batch, geometry.heads, geometry.queries},
                                    q.options().dtype(logsumexp_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, logsumexp};
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_forward_cpu", [&] {
-    const Operands<scalar_t> ops = make_operands<scalar_t>(q, k, v, kpos, qpos, rpe, scale, geometry);
+    const Operands<scalar_t> ops = make_operands<scalar_t>(inputs, scale, geometry);
     scalar_t* out_data = out.data_ptr<scalar_t>();
     scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
     at::parallel_for(0, query_tile_count(geometry), 1, [&](int64_t begin, int64_t end) {
@@ -185,9 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   const Geometry geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   check_cpu_dtype(q_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor kpos = kpos_in.contiguous(), qpos = qpos_in.contiguous();
-  const at::Tensor rpe = rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor();
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
 
@@ -204,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 
   if (tiles > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
-      const Operands<scalar_t> ops = make_operands<scalar_t>(q, k, v, kpos, qpos, rpe, scale, geometry);
+      const Operands<scalar_t> ops = make_operands<scalar_t>(inputs, scale, geometry);
       const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
       const scalar_t* out_data = out.data_ptr<scalar_t>();
       const scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();

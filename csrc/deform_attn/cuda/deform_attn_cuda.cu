@@ -93,6 +93,30 @@ struct SharedLayout {
   size_t bytes() const { return static_cast<size_t>(total) * sizeof(float); }
 };
 
+// The (batch, head, query tile) that this block works on, and where its data starts (in elements).
+struct BlockTile {
+  int batch_head;
+  int query_begin;
+  int query_count;
+  int64_t query_base;    // first q / out / grad_out row of the tile
+  int64_t key_base;      // first k / v row of (batch, head)
+  int64_t key_pos_base;  // first kpos entry of (batch, group of head)
+  int64_t table_base;    // the head's relative-position table
+
+  __device__ explicit BlockTile(const KernelGeometry& geometry) {
+    batch_head = blockIdx.y;
+    const int batch = batch_head / geometry.heads;
+    const int head = batch_head % geometry.heads;
+    const int group = head / (geometry.heads / geometry.groups);
+    query_begin = blockIdx.x * kQueryTile;
+    query_count = min(kQueryTile, geometry.queries - query_begin);
+    query_base = (static_cast<int64_t>(batch_head) * geometry.queries + query_begin) * geometry.head_dim;
+    key_base = static_cast<int64_t>(batch_head) * geometry.keys * geometry.head_dim;
+    key_pos_base = (static_cast<int64_t>(batch) * geometry.groups + group) * geometry.keys * 2;
+    table_base = static_cast<int64_t>(head) * geometry.table_height * geometry.table_width;
+  }
+};
+
 template <typename scalar_t>
 __device__ inline float to_float(scalar_t value) {
   return static_cast<float>(value);
@@ -143,16 +167,11 @@ __global__ void __launch_bounds__(kThreads)
   float* key_pos = shared + layout.key_pos;
 
   const int D = geometry.head_dim, stride = layout.row_stride;
-  const int batch_head = blockIdx.y;
-  const int batch = batch_head / geometry.heads, head = batch_head % geometry.heads;
-  const int group = head / (geometry.heads / geometry.groups);
-  const int query_begin = blockIdx.x * kQueryTile;
-  const int query_count = min(kQueryTile, geometry.queries - query_begin);
-  const int64_t query_base = (static_cast<int64_t>(batch_head) * geometry.queries + query_begin) * D;
-  const int64_t key_base = static_cast<int64_t>(batch_head) * geometry.keys * D;
-  const scalar_t* key_positions = kpos + (static_cast<int64_t>(batch) * geometry.groups + group) * geometry.keys * 2;
-  const scalar_t* table =
-      rpe != nullptr ? rpe + static_cast<int64_t>(head) * geometry.table_height * geometry.table_width : nullptr;
+  const BlockTile tile(geometry);
+  const int query_begin = tile.query_begin, query_count = tile.query_count;
+  const int64_t query_base = tile.query_base, key_base = tile.key_base;
+  const scalar_t* key_positions = kpos + tile.key_pos_base;
+  const scalar_t* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
 
   load_rows(q + query_base, query_count, kQueryTile, D, stride, query_rows);
   load_rows(qpos + static_cast<int64_t>(query_begin) * 2, query_count, kQueryTile, 2, 2, query_pos);
@@ -216,7 +235,7 @@ __global__ void __launch_bounds__(kThreads)
       if (d < D) out_row[d] = static_cast<scalar_t>(accumulator[c] * inverse_sum);
     }
     if (lane == 0) {
-      logsumexp[static_cast<int64_t>(batch_head) * geometry.queries + query_begin + row] =
+      logsumexp[static_cast<int64_t>(tile.batch_head) * geometry.queries + query_begin + row] =
           running_max + log_of(running_sum);
     }
   }
@@ -247,18 +266,13 @@ __global__ void __launch_bounds__(kThreads)
   float* row_delta = row_logsumexp + kQueryTile;
 
   const int D = geometry.head_dim, stride = layout.row_stride, score_stride = layout.score_stride;
-  const int batch_head = blockIdx.y;
-  const int batch = batch_head / geometry.heads, head = batch_head % geometry.heads;
-  const int group = head / (geometry.heads / geometry.groups);
-  const int query_begin = blockIdx.x * kQueryTile;
-  const int query_count = min(kQueryTile, geometry.queries - query_begin);
-  const int64_t query_base = (static_cast<int64_t>(batch_head) * geometry.queries + query_begin) * D;
-  const int64_t key_base = static_cast<int64_t>(batch_head) * geometry.keys * D;
-  const int64_t key_pos_base = (static_cast<int64_t>(batch) * geometry.groups + group) * geometry.keys * 2;
-  const scalar_t* table = rpe != nullptr ? rpe + static_cast<int64_t>(head) * table_size : nullptr;
+  const BlockTile tile(geometry);
+  const int query_begin = tile.query_begin, query_count = tile.query_count;
+  const int64_t query_base = tile.query_base, key_base = tile.key_base, key_pos_base = tile.key_pos_base;
+  const scalar_t* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
   float* table_grad = table == nullptr         ? nullptr
                       : table_grad_in_shared ? shared + layout.table
-                                             : grad_rpe + static_cast<int64_t>(head) * table_size;
+                                             : grad_rpe + tile.table_base;
 
   load_rows(q + query_base, query_count, kQueryTile, D, stride, query_rows);
   load_rows(grad_out + query_base, query_count, kQueryTile, D, stride, grad_out_rows);
@@ -282,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
     if (lane == 0) {
       row_delta[row] = partial;
       row_logsumexp[row] =
-          row_valid ? logsumexp[static_cast<int64_t>(batch_head) * geometry.queries + query_begin + row] : 0.f;
+          row_valid ? logsumexp[static_cast<int64_t>(tile.batch_head) * geometry.queries + query_begin + row] : 0.f;
     }
   }
 
@@ -388,7 +402,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (table != nullptr && table_grad_in_shared) {
     __syncthreads();
-    float* global_table_grad = grad_rpe + static_cast<int64_t>(head) * table_size;
+    float* global_table_grad = grad_rpe + tile.table_base;
     for (int e = threadIdx.x; e < table_size; e += kThreads) {
       if (table_grad[e] != 0.f) atomicAdd(global_table_grad + e, table_grad[e]);
     }
@@ -450,20 +464,6 @@ void dispatch_kernel(at::ScalarType dtype, int64_t head_dim, Fn&& fn) {
       TORCH_CHECK(false, "dat::deform_attn on CUDA supports float32, float16 and bfloat16, got ", dtype);
   }
 }
-
-struct ContiguousInputs {
-  at::Tensor q, k, v, kpos, qpos, rpe;
-
-  ContiguousInputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kpos_in,
-                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in)
-      : q(q_in.contiguous()), k(k_in.contiguous()), v(v_in.contiguous()), kpos(kpos_in.contiguous()),
-        qpos(qpos_in.contiguous()), rpe(rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor()) {}
-
-  template <typename scalar_t>
-  const scalar_t* table() const {
-    return rpe.defined() ? rpe.data_ptr<scalar_t>() : nullptr;
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                             const at::Tensor& v_in, const at::Tensor& kpos_in,
