@@ -20,7 +20,8 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.s
   quiet_pip torch==2.14.1 torchvision==0.29.1
 fi
 
-if "$PY" -c "import dat, sys, os; sys.exit(not dat.__file__.startswith(os.path.join('$ROOT', 'dat')))" 2>/dev/null; then
+# dat.weights is mapped onto weights/ by the install, so it tells whether *this* checkout is the installed one
+if "$PY" -c "import dat.weights, sys, os; sys.exit(not dat.weights.__file__.startswith(os.path.join('$ROOT', 'weights')))" 2>/dev/null; then
   echo "== rebuilding the native extension where sources changed"
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace 2>&1 | grep -vE "^(running|copying|creating)|Warning|warn" || true
   [ "${DAT_REQUIRE_EXT:-0}" != 1 ] || "$PY" -c "import dat._C" || { echo "native extension failed to build"; exit 1; }
