@@ -30,3 +30,29 @@ def test_pretrained_entry_point_loads_the_same_weights_as_timm():
     image = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(from_hub(image), from_timm(image))
+
+
+def test_a_bare_checkout_loads_without_being_installed(tmp_path):
+    """torch.hub.load from GitHub runs hubconf.py from a downloaded checkout that pip never installed: the
+    package must find its weights manifest and bundled weights there, not through an install."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / 'hub_checkout'
+    for part in ('dat', 'weights'):
+        shutil.copytree(root / part, checkout / part, ignore=shutil.ignore_patterns('*.so', '__pycache__'))
+    shutil.copy(root / 'hubconf.py', checkout / 'hubconf.py')
+    script = (
+        'import sys\n'
+        # the test machine has this repository installed in editable mode: hide that install
+        "sys.meta_path = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', type(f).__name__)]\n"
+        'import torch, dat, dat.weights\n'
+        f'assert dat.weights.__file__.startswith({str(checkout)!r}), dat.weights.__file__\n'
+        f"model = torch.hub.load({str(checkout)!r}, 'dat_nano', source='local', pretrained=True)\n"
+        'print(sum(p.numel() for p in model.parameters()))\n'
+    )
+    done = subprocess.run([sys.executable, '-c', script], cwd=checkout, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 1_000_000
