@@ -55,7 +55,7 @@ def _extensions():
     build_cuda = want_cuda in ('1', 'true', 'yes') or (want_cuda == 'auto' and has_cuda_toolchain)
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
 
-    cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
+    cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-trapping-math']
     extra_compile_args = {'cxx': cxx_flags}
     define_macros = []
     if build_cuda and cuda_sources:

@@ -38,13 +38,21 @@ struct BilinearTaps {
   int32_t inside;  // bit c set when corner c lies inside the table
 };
 
-// floor(pixel) when -1 <= pixel < size, else -2 (which keeps both neighbours out of bounds; also for
-// NaN), without converting huge floats to integers.
+C10_HOST_DEVICE inline float floor_of(float x) { return ::floorf(x); }
+C10_HOST_DEVICE inline double floor_of(double x) { return ::floor(x); }
+
+// Whether the cell whose top-left corner is floor(pixel) has a corner inside a table of `size`
+// pixels: -1 <= pixel < size (false for NaN). `&` rather than `&&`, so that loops over it vectorise.
 template <typename acc_t>
-C10_HOST_DEVICE inline int64_t cell_start(acc_t pixel, int64_t size) {
-  if (!(pixel >= acc_t(-1) && pixel < acc_t(size))) return -2;
-  const int64_t truncated = static_cast<int64_t>(pixel);
-  return truncated - (acc_t(truncated) > pixel ? 1 : 0);
+C10_HOST_DEVICE inline bool cell_in_reach(acc_t pixel, acc_t size) {
+  return (pixel >= acc_t(-1)) & (pixel < size);
+}
+
+// floor(pixel) when the cell is in reach, else -2 (which keeps both neighbours out of bounds),
+// without converting a huge float to an integer.
+template <typename acc_t>
+C10_HOST_DEVICE inline int32_t cell_start(acc_t pixel, int64_t size) {
+  return static_cast<int32_t>(floor_of(cell_in_reach(pixel, acc_t(size)) ? pixel : acc_t(-2)));
 }
 
 template <typename acc_t>

@@ -1,9 +1,10 @@
 // CPU kernels of dat::deform_attn (float32, float64).
 //
-// Flash style: queries are processed in tiles and keys are streamed in tiles through an online
-// softmax, so no (Nq x Nk) tensor ever exists and memory stays linear in Nq + Nk. A work item is one
-// (batch, offset group, query tile): the heads of a group share the key positions, so the bilinear
-// taps of a (query, key) pair are computed once and reused by every head of the group.
+// Flash style: a work item is one (batch, offset group, query tile); keys are streamed in tiles
+// through an online softmax, so no (Nq x Nk) tensor exists and memory stays linear in Nq + Nk. The
+// matrix products of a tile (Q K^T and P V; in backward also dO V^T, P^T dO, dS^T Q and dS K) go to
+// ATen's BLAS. The bias of a pair is interpolated inside one cell of the table; the cell and the
+// in-cell position are computed once per pair and reused by every head of the offset group.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,8 +23,101 @@ namespace dat {
 namespace deform_attn {
 namespace {
 
-constexpr int64_t kQueryTile = 32;
-constexpr int64_t kKeyTile = 64;
+// Tile bounds: a 64 x 512 logit tile and its pair cells stay in L2 (about 0.5 MB in float32).
+constexpr int64_t kMaxQueryTile = 64;
+constexpr int64_t kMaxKeyTile = 512;
+
+struct Tile {
+  int64_t begin;
+  int64_t count;
+};
+
+// `count` tiles of `size` elements (the last one shorter) over a length, as even as the bound allows.
+struct Tiling {
+  int64_t size;
+  int64_t count;
+
+  Tiling(int64_t length, int64_t max_size)
+      : size(0), count(std::max<int64_t>(1, (length + max_size - 1) / max_size)) {
+    size = (length + count - 1) / count;
+  }
+  Tile tile(int64_t index, int64_t length) const {
+    const int64_t begin = index * size;
+    return Tile{begin, std::min(size, length - begin)};
+  }
+};
+
+// The relative-position table as cells: the bilinear sample at in-cell position (fr, fc) of the
+// cell whose top-left corner is (r, c) is a + b fr + c fc + d fr fc with a = T[r][c],
+// b = T[r+1][c] - a, c = T[r][c+1] - a, d = T[r+1][c+1] - T[r+1][c] - T[r][c+1] + a. The table is
+// padded with kCellPadding rows/columns of zeros before and one after, so every cell that
+// grid_sample(align_corners=True, zeros padding) can touch (top-left corner in [-1, size - 1]) has
+// four real-or-zero corners, and cell 0 (all zero) stands for every pair outside the table: sampling
+// needs no bounds checks, and such pairs' gradients go to coefficients that are thrown away.
+constexpr int32_t kCellPadding = 2;
+
+struct CellGrid {
+  int64_t rows;
+  int64_t columns;
+
+  CellGrid(int64_t table_height, int64_t table_width)
+      : rows(table_height + kCellPadding), columns(table_width + kCellPadding) {}
+  int64_t size() const { return rows * columns * 4; }  // coefficients per head
+};
+
+// rpe (M, Th, Tw) -> coefficients (M, Th + 2, Tw + 2, 4), see CellGrid.
+at::Tensor cell_coefficients(const at::Tensor& rpe) {
+  const at::Tensor padded = at::constant_pad_nd(rpe, {kCellPadding, 1, kCellPadding, 1});
+  const CellGrid cells(rpe.size(1), rpe.size(2));
+  const auto corner = [&](int64_t down, int64_t right) {
+    return padded.slice(1, down, down + cells.rows).slice(2, right, right + cells.columns);
+  };
+  const at::Tensor top_left = corner(0, 0), top_right = corner(0, 1);
+  const at::Tensor bottom_left = corner(1, 0), bottom_right = corner(1, 1);
+  return at::stack({top_left, bottom_left - top_left, top_right - top_left,
+                    bottom_right - bottom_left - top_right + top_left},
+                   -1)
+      .contiguous();
+}
+
+// Gradients of the coefficients (M, Th + 2, Tw + 2, 4) -> gradient of rpe (M, Th, Tw): the transpose
+// of cell_coefficients.
+at::Tensor table_gradient(const at::Tensor& grad_coefficients, int64_t table_height, int64_t table_width) {
+  const CellGrid cells(table_height, table_width);
+  at::Tensor padded = at::zeros({grad_coefficients.size(0), cells.rows + 1, cells.columns + 1},
+                                grad_coefficients.options());
+  const auto corner = [&](int64_t down, int64_t right) {
+    return padded.slice(1, down, down + cells.rows).slice(2, right, right + cells.columns);
+  };
+  const std::vector<at::Tensor> grad = grad_coefficients.unbind(-1);
+  corner(0, 0).add_(grad[0] - grad[1] - grad[2] + grad[3]);
+  corner(1, 0).add_(grad[1] - grad[3]);
+  corner(0, 1).add_(grad[2] - grad[3]);
+  corner(1, 1).add_(grad[3]);
+  return padded.slice(1, kCellPadding, kCellPadding + table_height)
+      .slice(2, kCellPadding, kCellPadding + table_width)
+      .contiguous();
+}
+
+// c = alpha * op(a) @ op(b) + beta * c for row-major matrices (op = transpose or not; m x n result,
+// inner size k), through ATen's BLAS. beta = 0 ignores c's contents.
+template <typename scalar_t>
+void matmul(const scalar_t* a, int64_t lda, bool transpose_a, const scalar_t* b, int64_t ldb, bool transpose_b,
+            scalar_t* c, int64_t ldc, int64_t m, int64_t n, int64_t k, scalar_t alpha, scalar_t beta) {
+  const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto matrix = [&](const scalar_t* data, int64_t rows, int64_t columns, int64_t leading, bool transposed) {
+    if (!transposed) return at::from_blob(const_cast<scalar_t*>(data), {rows, columns}, {leading, 1}, options);
+    return at::from_blob(const_cast<scalar_t*>(data), {columns, rows}, {leading, 1}, options).t();
+  };
+  matrix(c, m, n, ldc, false).addmm_(matrix(a, m, k, lda, transpose_a), matrix(b, k, n, ldb, transpose_b), beta,
+                                     alpha);
+}
+
+struct WorkItem {
+  int64_t batch;
+  int64_t group;
+  Tile queries;
+};
 
 template <typename scalar_t>
 struct Operands {
@@ -32,13 +126,23 @@ struct Operands {
   const scalar_t* v;
   const scalar_t* kpos;
   const scalar_t* qpos;
-  const scalar_t* rpe;  // nullptr when there is no relative-position bias
+  const scalar_t* cell_coefficients;  // (M, cells), see CellGrid; nullptr when there is no bias
   scalar_t scale;
   Geometry geometry;
+  Tiling query_tiling;
+  Tiling key_tiling;
+  CellGrid cells;
 
-  int64_t table_size() const { return geometry.table_height * geometry.table_width; }
-  const scalar_t* table(int64_t head) const { return rpe + head * table_size(); }
-  // Row offsets (in elements) of (b, head, query) and (b, head, key) vectors.
+  Operands(const ContiguousInputs& inputs, const at::Tensor& coefficients, double scale_in, const Geometry& geometry_in)
+      : q(inputs.q.data_ptr<scalar_t>()), k(inputs.k.data_ptr<scalar_t>()), v(inputs.v.data_ptr<scalar_t>()),
+        kpos(inputs.kpos.data_ptr<scalar_t>()), qpos(inputs.qpos.data_ptr<scalar_t>()),
+        cell_coefficients(coefficients.defined() ? coefficients.data_ptr<scalar_t>() : nullptr),
+        scale(static_cast<scalar_t>(scale_in)), geometry(geometry_in), query_tiling(geometry.queries, kMaxQueryTile),
+        key_tiling(geometry.keys, kMaxKeyTile), cells(geometry.table_height, geometry.table_width) {}
+
+  bool has_bias() const { return cell_coefficients != nullptr; }
+  const scalar_t* coefficients(int64_t head) const { return cell_coefficients + head * cells.size(); }
+  // Offsets (in elements) of the (b, head, query) and (b, head, key) vectors and of a key position.
   int64_t query_offset(int64_t b, int64_t head, int64_t query) const {
     return ((b * geometry.heads + head) * geometry.queries + query) * geometry.head_dim;
   }
@@ -48,50 +152,63 @@ struct Operands {
   int64_t kpos_offset(int64_t b, int64_t group, int64_t key) const {
     return ((b * geometry.groups + group) * geometry.keys + key) * 2;
   }
+  int64_t work_item_count() const { return geometry.batch * geometry.groups * query_tiling.count; }
+  WorkItem work_item(int64_t index) const {
+    return WorkItem{index / (query_tiling.count * geometry.groups), (index / query_tiling.count) % geometry.groups,
+                    query_tiling.tile(index % query_tiling.count, geometry.queries)};
+  }
 };
 
-struct QueryTile {
-  int64_t batch;
-  int64_t group;
-  int64_t begin;
-  int64_t count;
+// What the backward reads besides the forward inputs.
+template <typename scalar_t>
+struct BackwardOperands {
+  const scalar_t* grad_out;
+  const scalar_t* out;
+  const scalar_t* logsumexp;
 };
 
-int64_t query_tiles_per_row(const Geometry& geometry) { return (geometry.queries + kQueryTile - 1) / kQueryTile; }
-
-int64_t query_tile_count(const Geometry& geometry) {
-  return geometry.batch * geometry.groups * query_tiles_per_row(geometry);
-}
-
-QueryTile query_tile(int64_t index, const Geometry& geometry) {
-  const int64_t per_row = query_tiles_per_row(geometry);
-  QueryTile tile;
-  tile.begin = (index % per_row) * kQueryTile;
-  tile.count = std::min(kQueryTile, geometry.queries - tile.begin);
-  tile.group = (index / per_row) % geometry.groups;
-  tile.batch = index / (per_row * geometry.groups);
-  return tile;
-}
-
-// Gradient buffers owned by one worker; workers never share them, and they are summed at the end.
+// Key-side gradient buffers owned by one worker; workers never share them, and they are summed at the end.
 template <typename scalar_t>
 struct GradientSinks {
   scalar_t* k;
   scalar_t* v;
   scalar_t* kpos;
-  scalar_t* rpe;
+  scalar_t* coefficients;  // (M, cells)
 };
 
-// Table-gradient sink for bilinear_sample_backward. Defined outside the instruction-set regions below
-// (unlike a lambda there) so that GCC may inline it into the baseline-ISA math helpers.
+// Cell (index of its coefficient block) and in-cell position of each pair of a tile, row-major.
 template <typename scalar_t>
-struct AddToTable {
-  scalar_t* table;
-  void operator()(int32_t offset, scalar_t value) const { table[offset] += value; }
+struct PairCells {
+  std::vector<int32_t> cell;
+  std::vector<scalar_t> frac_row;
+  std::vector<scalar_t> frac_col;
+
+  explicit PairCells(int64_t pairs) : cell(pairs), frac_row(pairs), frac_col(pairs) {}
+};
+
+// One worker's buffers, sized for the largest tiles.
+template <typename scalar_t>
+struct Workspace {
+  PairCells<scalar_t> pairs;
+  std::vector<scalar_t> logits;         // query tile x key tile: logits, then weights / probabilities
+  std::vector<scalar_t> grad_logits;    // query tile x key tile (backward)
+  std::vector<scalar_t> accumulators;   // heads of the group x query tile x head_dim: out, or grad_q / scale
+  std::vector<scalar_t> running_max;    // heads of the group x query tile
+  std::vector<scalar_t> running_sum;
+  std::vector<scalar_t> deltas;         // <grad_out, out> per row (backward)
+  std::vector<scalar_t> grad_key_frac;  // 2 per key of the tile (backward)
+
+  explicit Workspace(const Operands<scalar_t>& ops)
+      : pairs(ops.has_bias() ? ops.query_tiling.size * ops.key_tiling.size : 0),
+        logits(ops.query_tiling.size * ops.key_tiling.size),
+        grad_logits(ops.query_tiling.size * ops.key_tiling.size),
+        accumulators(ops.geometry.heads_per_group() * ops.query_tiling.size * ops.geometry.head_dim),
+        running_max(ops.geometry.heads_per_group() * ops.query_tiling.size),
+        running_sum(running_max.size()), deltas(running_max.size()), grad_key_frac(2 * ops.key_tiling.size) {}
 };
 
 // The kernels, compiled for the baseline instruction set and, on x86-64 with GCC, for AVX2 + FMA
-// (an AVX-512 build measured no faster: the bias gathers, not the arithmetic, bound these loops).
+// (the products are BLAS calls either way; this is for the bias, softmax and exp loops).
 namespace baseline {
 #include "deform_attn/cpu/deform_attn_cpu_kernels.h"
 }  // namespace baseline
@@ -116,35 +233,26 @@ bool cpu_has_avx2() {
 }
 
 template <typename scalar_t>
-void run_forward_tiles(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out,
+void run_forward_items(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out,
                        scalar_t* logsumexp) {
 #ifdef DAT_DEFORM_ATTN_AVX2
-  if (cpu_has_avx2()) return avx2::forward_tiles(ops, begin, end, out, logsumexp);
+  if (cpu_has_avx2()) return avx2::forward_items(ops, begin, end, out, logsumexp);
 #endif
-  baseline::forward_tiles(ops, begin, end, out, logsumexp);
+  baseline::forward_items(ops, begin, end, out, logsumexp);
 }
 
 template <typename scalar_t>
-void run_backward_tiles(const Operands<scalar_t>& ops, const scalar_t* grad_out, const scalar_t* out,
-                        const scalar_t* logsumexp, int64_t begin, int64_t end, const GradientSinks<scalar_t>& sinks,
-                        scalar_t* grad_q) {
+void run_backward_items(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, int64_t begin,
+                        int64_t end, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
 #ifdef DAT_DEFORM_ATTN_AVX2
-  if (cpu_has_avx2()) return avx2::backward_tiles(ops, grad_out, out, logsumexp, begin, end, sinks, grad_q);
+  if (cpu_has_avx2()) return avx2::backward_items(ops, saved, begin, end, sinks, grad_q);
 #endif
-  baseline::backward_tiles(ops, grad_out, out, logsumexp, begin, end, sinks, grad_q);
+  baseline::backward_items(ops, saved, begin, end, sinks, grad_q);
 }
 
 void check_cpu_dtype(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "dat::deform_attn on CPU supports float32 and float64, got ", q.scalar_type());
-}
-
-template <typename scalar_t>
-Operands<scalar_t> make_operands(const ContiguousInputs& inputs, double scale, const Geometry& geometry) {
-  return Operands<scalar_t>{inputs.q.data_ptr<scalar_t>(),    inputs.k.data_ptr<scalar_t>(),
-                            inputs.v.data_ptr<scalar_t>(),    inputs.kpos.data_ptr<scalar_t>(),
-                            inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(),
-                            static_cast<scalar_t>(scale),     geometry};
 }
 
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -159,13 +267,14 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
   at::Tensor logsumexp = at::empty({geometry.batch, geometry.heads, geometry.queries},
                                    q.options().dtype(logsumexp_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, logsumexp};
+  const at::Tensor coefficients = inputs.rpe.defined() ? cell_coefficients(inputs.rpe) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_forward_cpu", [&] {
-    const Operands<scalar_t> ops = make_operands<scalar_t>(inputs, scale, geometry);
+    const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
     scalar_t* out_data = out.data_ptr<scalar_t>();
     scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
-    at::parallel_for(0, query_tile_count(geometry), 1, [&](int64_t begin, int64_t end) {
-      run_forward_tiles(ops, begin, end, out_data, logsumexp_data);
+    at::parallel_for(0, ops.work_item_count(), 1, [&](int64_t begin, int64_t end) {
+      run_forward_items(ops, begin, end, out_data, logsumexp_data);
     });
   });
   return {out, logsumexp};
@@ -182,40 +291,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
+  const at::Tensor coefficients = rpe.defined() ? cell_coefficients(rpe) : at::Tensor();
+  const CellGrid cells(geometry.table_height, geometry.table_width);
 
-  // Work is split into one contiguous range of query tiles per worker, each with its own key-side
+  // Work is split into one contiguous range of work items per worker, each with its own key-side
   // gradient buffers (keys are shared by all query tiles): no races, and a result that does not
-  // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + |rpe|).
-  const int64_t tiles = query_tile_count(geometry);
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + 4 |padded rpe|).
   at::Tensor grad_q = at::zeros_like(q);
-  at::Tensor grad_k_parts = at::zeros({workers, k.numel()}, k.options());
-  at::Tensor grad_v_parts = at::zeros({workers, v.numel()}, v.options());
-  at::Tensor grad_kpos_parts = at::zeros({workers, kpos.numel()}, kpos.options());
-  at::Tensor grad_rpe_parts = at::zeros({workers, rpe.defined() ? rpe.numel() : 0}, q.options());
-
-  if (tiles > 0) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
-      const Operands<scalar_t> ops = make_operands<scalar_t>(inputs, scale, geometry);
-      const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
-      const scalar_t* out_data = out.data_ptr<scalar_t>();
-      const scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
-      scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
-      at::parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
-        for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
-          const GradientSinks<scalar_t> sinks{grad_k_parts[worker].data_ptr<scalar_t>(),
-                                              grad_v_parts[worker].data_ptr<scalar_t>(),
-                                              grad_kpos_parts[worker].data_ptr<scalar_t>(),
-                                              grad_rpe_parts[worker].data_ptr<scalar_t>()};
-          run_backward_tiles(ops, grad_out_data, out_data, logsumexp_data, tiles * worker / workers,
-                             tiles * (worker + 1) / workers, sinks, grad_q_data);
-        }
-      });
+  at::Tensor grad_k, grad_v, grad_kpos, grad_coefficients;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
+    const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
+    const int64_t items = ops.work_item_count();
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+    grad_k = at::zeros({workers, k.numel()}, k.options());
+    grad_v = at::zeros({workers, v.numel()}, v.options());
+    grad_kpos = at::zeros({workers, kpos.numel()}, kpos.options());
+    grad_coefficients = at::zeros({workers, rpe.defined() ? geometry.heads * cells.size() : 0}, q.options());
+    if (q.numel() == 0) return;
+    const BackwardOperands<scalar_t> saved{grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                           logsumexp.data_ptr<scalar_t>()};
+    scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
+    at::parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+      for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
+        const GradientSinks<scalar_t> sinks{grad_k[worker].data_ptr<scalar_t>(), grad_v[worker].data_ptr<scalar_t>(),
+                                            grad_kpos[worker].data_ptr<scalar_t>(),
+                                            grad_coefficients[worker].data_ptr<scalar_t>()};
+        run_backward_items(ops, saved, items * worker / workers, items * (worker + 1) / workers, sinks, grad_q_data);
+      }
     });
-  }
-  at::Tensor grad_rpe = rpe.defined() ? grad_rpe_parts.sum(0).view(rpe.sizes()) : q.new_empty({0});
-  return {grad_q, grad_k_parts.sum(0).view(k.sizes()), grad_v_parts.sum(0).view(v.sizes()),
-          grad_kpos_parts.sum(0).view(kpos.sizes()), grad_rpe};
+  });
+  at::Tensor grad_rpe = rpe.defined() ? table_gradient(grad_coefficients.sum(0).view({geometry.heads, cells.rows,
+                                                                                         cells.columns, 4}),
+                                                       geometry.table_height, geometry.table_width)
+                                      : q.new_empty({0});
+  return {grad_q, grad_k.sum(0).view(k.sizes()), grad_v.sum(0).view(v.sizes()), grad_kpos.sum(0).view(kpos.sizes()),
+          grad_rpe};
 }
 
 }  // namespace

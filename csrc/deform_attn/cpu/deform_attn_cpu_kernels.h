@@ -3,43 +3,6 @@
 // auto-vectorised loops use AVX2/FMA where the CPU has them while the extension stays portable.
 // Hence: no include guard and no #include here; everything it uses is declared before the inclusion.
 
-// Buffers for one key tile, shared by the forward and the backward.
-template <typename scalar_t>
-struct KeyTileBuffers {
-  std::vector<BilinearTaps<scalar_t>> taps;  // kQueryTile x kKeyTile
-  std::vector<scalar_t> keys_t;              // head_dim x kKeyTile, keys transposed
-  std::vector<scalar_t> scaled_query;        // head_dim
-  std::vector<scalar_t> logits;              // kKeyTile
-
-  explicit KeyTileBuffers(const Geometry& geometry)
-      : taps(kQueryTile * kKeyTile), keys_t(geometry.head_dim * kKeyTile), scaled_query(geometry.head_dim),
-        logits(kKeyTile) {}
-};
-
-// Taps of every (query, key) pair of the tile; the same for all heads of the group.
-template <typename scalar_t>
-void compute_pair_taps(const Operands<scalar_t>& ops, const QueryTile& tile, int64_t key_begin, int64_t key_count,
-                       BilinearTaps<scalar_t>* taps) {
-  const Geometry& geometry = ops.geometry;
-  for (int64_t i = 0; i < tile.count; ++i) {
-    const scalar_t* query_pos = ops.qpos + (tile.begin + i) * 2;
-    for (int64_t j = 0; j < key_count; ++j) {
-      const scalar_t* key_pos = ops.kpos + ops.kpos_offset(tile.batch, tile.group, key_begin + j);
-      taps[i * kKeyTile + j] = bias_taps<scalar_t>(query_pos[0], query_pos[1], key_pos[0], key_pos[1],
-                                                   geometry.table_height, geometry.table_width);
-    }
-  }
-}
-
-// (key_count x head_dim) rows -> (head_dim x kKeyTile), so that products against many keys run over
-// contiguous memory and vectorise without reordering floating-point sums.
-template <typename scalar_t>
-void transpose_keys(const scalar_t* rows, int64_t key_count, int64_t head_dim, scalar_t* transposed) {
-  for (int64_t j = 0; j < key_count; ++j) {
-    for (int64_t d = 0; d < head_dim; ++d) transposed[d * kKeyTile + j] = rows[j * head_dim + d];
-  }
-}
-
 // exp(x) for x <= ~0 (logit minus running max or logsumexp), written so that loops over it vectorise
 // (libm's expf is one call per element): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
 // Taylor polynomial for e^r (relative error < 2e-7) and 2^n built in the exponent bits. float64 keeps
@@ -62,205 +25,256 @@ inline float exp_vectorisable(float x) {
 
 inline double exp_vectorisable(double x) { return exp_of(x); }
 
-// y += alpha * x. The restrict qualifiers let the compiler vectorise without runtime alias checks.
+// The table cell and in-cell position of every (query, key) pair of a tile; the same for all heads
+// of the offset group. Pairs outside the table get cell 0 (all-zero coefficients) and position 0.
 template <typename scalar_t>
-inline void add_scaled(int64_t n, scalar_t alpha, const scalar_t* __restrict__ x, scalar_t* __restrict__ y) {
-  for (int64_t e = 0; e < n; ++e) y[e] += alpha * x[e];
-}
-
-// out[j] = sum_d vector[d] * transposed[d][j] for the first key_count keys.
-template <typename scalar_t>
-void products_with_keys(const scalar_t* vector, const scalar_t* transposed, int64_t key_count, int64_t head_dim,
-                        scalar_t* out) {
-  std::fill(out, out + key_count, scalar_t(0));
-  for (int64_t d = 0; d < head_dim; ++d) add_scaled(key_count, vector[d], transposed + d * kKeyTile, out);
-}
-
-// Logits scale * <q_i, k_j> + bias_ij of one query against the keys in buffers.keys_t.
-template <typename scalar_t>
-void query_logits(const Operands<scalar_t>& ops, const scalar_t* query, const scalar_t* table,
-                  const BilinearTaps<scalar_t>* query_taps, int64_t key_count, KeyTileBuffers<scalar_t>& buffers) {
+void locate_pairs(const Operands<scalar_t>& ops, const Tile& queries, const Tile& keys, const scalar_t* key_pos,
+                  PairCells<scalar_t>& pairs) {
   const Geometry& geometry = ops.geometry;
-  for (int64_t d = 0; d < geometry.head_dim; ++d) buffers.scaled_query[d] = query[d] * ops.scale;
-  products_with_keys(buffers.scaled_query.data(), buffers.keys_t.data(), key_count, geometry.head_dim,
-                     buffers.logits.data());
-  if (table != nullptr) {
-    for (int64_t j = 0; j < key_count; ++j) {
-      buffers.logits[j] += bilinear_sample(table, query_taps[j]);
-    }
-  }
-}
-
-template <typename scalar_t>
-void forward_query_tile(const Operands<scalar_t>& ops, const QueryTile& tile, KeyTileBuffers<scalar_t>& buffers,
-                        std::vector<scalar_t>& accumulators, std::vector<scalar_t>& running_max,
-                        std::vector<scalar_t>& running_sum, scalar_t* out, scalar_t* logsumexp) {
-  const Geometry& geometry = ops.geometry;
-  const int64_t head_dim = geometry.head_dim;
-  const int64_t heads_per_group = geometry.heads_per_group();
-  std::fill(accumulators.begin(), accumulators.end(), scalar_t(0));
-  std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<scalar_t>::infinity());
-  std::fill(running_sum.begin(), running_sum.end(), scalar_t(0));
-
-  for (int64_t key_begin = 0; key_begin < geometry.keys; key_begin += kKeyTile) {
-    const int64_t key_count = std::min(kKeyTile, geometry.keys - key_begin);
-    if (ops.rpe != nullptr) compute_pair_taps(ops, tile, key_begin, key_count, buffers.taps.data());
-    for (int64_t h = 0; h < heads_per_group; ++h) {
-      const int64_t head = tile.group * heads_per_group + h;
-      const scalar_t* keys = ops.k + ops.key_offset(tile.batch, head, key_begin);
-      const scalar_t* values = ops.v + ops.key_offset(tile.batch, head, key_begin);
-      const scalar_t* table = ops.rpe != nullptr ? ops.table(head) : nullptr;
-      transpose_keys(keys, key_count, head_dim, buffers.keys_t.data());
-      for (int64_t i = 0; i < tile.count; ++i) {
-        const scalar_t* query = ops.q + ops.query_offset(tile.batch, head, tile.begin + i);
-        query_logits(ops, query, table, buffers.taps.data() + i * kKeyTile, key_count, buffers);
-        const scalar_t* logits = buffers.logits.data();
-        const int64_t row = h * kQueryTile + i;
-        scalar_t* accumulator = accumulators.data() + row * head_dim;
-        const scalar_t block_max = *std::max_element(logits, logits + key_count);
-        const scalar_t factor = online_softmax_rescale(running_max[row], running_sum[row], block_max);
-        if (factor != scalar_t(1)) {
-          for (int64_t d = 0; d < head_dim; ++d) accumulator[d] *= factor;
-        }
-        scalar_t* weights = buffers.logits.data();
-        const scalar_t row_max = running_max[row];
-        scalar_t weight_sum = 0;
-#pragma omp simd reduction(+ : weight_sum)
-        for (int64_t j = 0; j < key_count; ++j) {
-          weights[j] = exp_vectorisable(weights[j] - row_max);
-          weight_sum += weights[j];
-        }
-        running_sum[row] += weight_sum;
-        for (int64_t j = 0; j < key_count; ++j) add_scaled(head_dim, weights[j], values + j * head_dim, accumulator);
-      }
-    }
-  }
-
-  for (int64_t h = 0; h < heads_per_group; ++h) {
-    const int64_t head = tile.group * heads_per_group + h;
-    for (int64_t i = 0; i < tile.count; ++i) {
-      const int64_t row = h * kQueryTile + i;
-      const int64_t query_offset = ops.query_offset(tile.batch, head, tile.begin + i);
-      const scalar_t inverse_sum = scalar_t(1) / running_sum[row];
-      for (int64_t d = 0; d < head_dim; ++d) {
-        out[query_offset + d] = accumulators[row * head_dim + d] * inverse_sum;
-      }
-      logsumexp[query_offset / head_dim] = running_max[row] + log_of(running_sum[row]);
-    }
-  }
-}
-
-template <typename scalar_t>
-void backward_query_tile(const Operands<scalar_t>& ops, const scalar_t* grad_out, const scalar_t* out,
-                         const scalar_t* logsumexp, const QueryTile& tile, KeyTileBuffers<scalar_t>& buffers,
-                         std::vector<scalar_t>& grad_queries, std::vector<scalar_t>& deltas,
-                         std::vector<scalar_t>& values_t, std::vector<scalar_t>& grad_probs,
-                         std::vector<scalar_t>& grad_key_pos, const GradientSinks<scalar_t>& sinks,
-                         scalar_t* grad_q) {
-  const Geometry& geometry = ops.geometry;
-  const int64_t head_dim = geometry.head_dim;
-  const int64_t heads_per_group = geometry.heads_per_group();
-  std::fill(grad_queries.begin(), grad_queries.end(), scalar_t(0));
-  for (int64_t h = 0; h < heads_per_group; ++h) {
-    const int64_t head = tile.group * heads_per_group + h;
-    for (int64_t i = 0; i < tile.count; ++i) {
-      const int64_t offset = ops.query_offset(tile.batch, head, tile.begin + i);
-      scalar_t delta = 0;
-      for (int64_t d = 0; d < head_dim; ++d) delta += grad_out[offset + d] * out[offset + d];
-      deltas[h * kQueryTile + i] = delta;
-    }
-  }
-
-  for (int64_t key_begin = 0; key_begin < geometry.keys; key_begin += kKeyTile) {
-    const int64_t key_count = std::min(kKeyTile, geometry.keys - key_begin);
-    if (ops.rpe != nullptr) compute_pair_taps(ops, tile, key_begin, key_count, buffers.taps.data());
-    std::fill(grad_key_pos.begin(), grad_key_pos.end(), scalar_t(0));
-    for (int64_t h = 0; h < heads_per_group; ++h) {
-      const int64_t head = tile.group * heads_per_group + h;
-      const int64_t key_offset = ops.key_offset(tile.batch, head, key_begin);
-      const scalar_t* keys = ops.k + key_offset;
-      const scalar_t* table = ops.rpe != nullptr ? ops.table(head) : nullptr;
-      scalar_t* grad_table = ops.rpe != nullptr ? sinks.rpe + head * ops.table_size() : nullptr;
-      transpose_keys(keys, key_count, head_dim, buffers.keys_t.data());
-      transpose_keys(ops.v + key_offset, key_count, head_dim, values_t.data());
-      for (int64_t i = 0; i < tile.count; ++i) {
-        const int64_t query_offset = ops.query_offset(tile.batch, head, tile.begin + i);
-        const scalar_t* query = ops.q + query_offset;
-        const scalar_t* query_grad_out = grad_out + query_offset;
-        const BilinearTaps<scalar_t>* query_taps = buffers.taps.data() + i * kKeyTile;
-        query_logits(ops, query, table, query_taps, key_count, buffers);
-        products_with_keys(query_grad_out, values_t.data(), key_count, head_dim, grad_probs.data());
-        const int64_t row = h * kQueryTile + i;
-        const scalar_t row_logsumexp = logsumexp[query_offset / head_dim];
-        scalar_t* grad_query = grad_queries.data() + row * head_dim;
-        // Probabilities overwrite the logits, logit gradients the probability gradients.
-        scalar_t* probs = buffers.logits.data();
-        scalar_t* grad_logits = grad_probs.data();
-        const scalar_t row_delta = deltas[row];
+  const int64_t height = geometry.table_height, width = geometry.table_width;
+  const scalar_t row_limit = scalar_t(height), col_limit = scalar_t(width);
+  const int32_t cell_columns = static_cast<int32_t>(ops.cells.columns);
+  const scalar_t half = scalar_t(kDisplacementPerPosition);
+  const scalar_t row_scale = pixel_per_unit<scalar_t>(height), col_scale = pixel_per_unit<scalar_t>(width);
+  for (int64_t i = 0; i < queries.count; ++i) {
+    const scalar_t query_row = ops.qpos[(queries.begin + i) * 2], query_col = ops.qpos[(queries.begin + i) * 2 + 1];
+    int32_t* __restrict__ cell = pairs.cell.data() + i * keys.count;
+    scalar_t* __restrict__ frac_row = pairs.frac_row.data() + i * keys.count;
+    scalar_t* __restrict__ frac_col = pairs.frac_col.data() + i * keys.count;
 #pragma omp simd
-        for (int64_t j = 0; j < key_count; ++j) {
-          probs[j] = exp_vectorisable(probs[j] - row_logsumexp);
-          grad_logits[j] = softmax_logit_grad(probs[j], grad_logits[j], row_delta);
-        }
-        for (int64_t j = 0; j < key_count; ++j) {
-          const scalar_t prob = probs[j];
-          const scalar_t grad_logit = grad_logits[j];
-          const int64_t key_row = key_offset + j * head_dim;
-          add_scaled(head_dim, grad_logit, keys + j * head_dim, grad_query);
-          add_scaled(head_dim, grad_logit * ops.scale, query, sinks.k + key_row);
-          add_scaled(head_dim, prob, query_grad_out, sinks.v + key_row);
-          if (table != nullptr) {
-            bilinear_sample_backward(
-                table, geometry.table_height, geometry.table_width, query_taps[j], grad_logit,
-                AddToTable<scalar_t>{grad_table}, grad_key_pos[2 * j],
-                grad_key_pos[2 * j + 1]);
-          }
-        }
-      }
+    for (int64_t j = 0; j < keys.count; ++j) {
+      // The arithmetic of bias_taps (deform_attn_math.h), which the CUDA kernel uses.
+      const scalar_t pixel_row = ((query_row - key_pos[2 * j]) * half + scalar_t(1)) * row_scale;
+      const scalar_t pixel_col = ((query_col - key_pos[2 * j + 1]) * half + scalar_t(1)) * col_scale;
+      const bool inside = cell_in_reach(pixel_row, row_limit) & cell_in_reach(pixel_col, col_limit);
+      const scalar_t row = floor_of(inside ? pixel_row : scalar_t(0));
+      const scalar_t col = floor_of(inside ? pixel_col : scalar_t(0));
+      cell[j] = inside ? (static_cast<int32_t>(row) + kCellPadding) * cell_columns + static_cast<int32_t>(col) +
+                             kCellPadding
+                       : 0;
+      frac_row[j] = inside ? pixel_row - row : scalar_t(0);
+      frac_col[j] = inside ? pixel_col - col : scalar_t(0);
     }
-    if (ops.rpe != nullptr) {
-      scalar_t* grad_kpos = sinks.kpos + ops.kpos_offset(tile.batch, tile.group, key_begin);
-      const scalar_t per_position = -scalar_t(kDisplacementPerPosition);
-      for (int64_t e = 0; e < 2 * key_count; ++e) grad_kpos[e] += per_position * grad_key_pos[e];
+  }
+}
+
+// logits[i][j] += bias of pair (i, j) for one head.
+template <typename scalar_t>
+void add_bias(const scalar_t* __restrict__ coefficients, const PairCells<scalar_t>& pairs, int64_t count,
+              scalar_t* __restrict__ logits) {
+  const int32_t* __restrict__ cell = pairs.cell.data();
+  const scalar_t* __restrict__ frac_row = pairs.frac_row.data();
+  const scalar_t* __restrict__ frac_col = pairs.frac_col.data();
+#pragma omp simd
+  for (int64_t e = 0; e < count; ++e) {
+    const int32_t c = 4 * cell[e];
+    logits[e] += coefficients[c] + coefficients[c + 1] * frac_row[e] + coefficients[c + 2] * frac_col[e] +
+                 coefficients[c + 3] * frac_row[e] * frac_col[e];
+  }
+}
+
+// Backward of add_bias for logit gradients grad_logits (queries x keys): the gradients of the head's
+// cell coefficients, and d(loss)/d(in-cell position) summed over queries into grad_key_frac (2 per key).
+template <typename scalar_t>
+void add_bias_backward(const scalar_t* __restrict__ coefficients, const PairCells<scalar_t>& pairs,
+                       const scalar_t* __restrict__ grad_logits, int64_t query_count, int64_t key_count,
+                       scalar_t* __restrict__ grad_coefficients, scalar_t* __restrict__ grad_key_frac) {
+  for (int64_t i = 0; i < query_count; ++i) {
+    const int64_t row = i * key_count;
+    const int32_t* __restrict__ cell = pairs.cell.data() + row;
+    const scalar_t* __restrict__ frac_row = pairs.frac_row.data() + row;
+    const scalar_t* __restrict__ frac_col = pairs.frac_col.data() + row;
+    const scalar_t* __restrict__ grad = grad_logits + row;
+#pragma omp simd
+    for (int64_t j = 0; j < key_count; ++j) {
+      const int32_t c = 4 * cell[j];
+      grad_key_frac[2 * j] += grad[j] * (coefficients[c + 1] + coefficients[c + 3] * frac_col[j]);
+      grad_key_frac[2 * j + 1] += grad[j] * (coefficients[c + 2] + coefficients[c + 3] * frac_row[j]);
+    }
+    // A scatter: pairs of one query may share a cell, so this loop stays scalar (four adds to one
+    // 16-byte coefficient block per pair).
+    for (int64_t j = 0; j < key_count; ++j) {
+      scalar_t* g = grad_coefficients + 4 * cell[j];
+      g[0] += grad[j];
+      g[1] += grad[j] * frac_row[j];
+      g[2] += grad[j] * frac_col[j];
+      g[3] += grad[j] * frac_row[j] * frac_col[j];
+    }
+  }
+}
+
+// Online-softmax step of one row of logits: raises the running max, rescales the row's accumulator,
+// turns the logits into unnormalised weights and adds them to the running sum.
+template <typename scalar_t>
+void online_softmax_row(scalar_t* __restrict__ logits, int64_t count, scalar_t& running_max, scalar_t& running_sum,
+                        scalar_t* __restrict__ accumulator, int64_t head_dim) {
+  const scalar_t block_max = *std::max_element(logits, logits + count);
+  const scalar_t factor = online_softmax_rescale(running_max, running_sum, block_max);
+  if (factor != scalar_t(1)) {
+    for (int64_t d = 0; d < head_dim; ++d) accumulator[d] *= factor;
+  }
+  const scalar_t row_max = running_max;
+  scalar_t weight_sum = 0;
+#pragma omp simd reduction(+ : weight_sum)
+  for (int64_t j = 0; j < count; ++j) {
+    logits[j] = exp_vectorisable(logits[j] - row_max);
+    weight_sum += logits[j];
+  }
+  running_sum += weight_sum;
+}
+
+// Logits scale * Q K^T (+ bias) of one head for the pairs of `pairs`, into workspace.logits.
+template <typename scalar_t>
+void tile_logits(const Operands<scalar_t>& ops, const WorkItem& item, int64_t head, const Tile& keys,
+                 Workspace<scalar_t>& workspace) {
+  const int64_t head_dim = ops.geometry.head_dim;
+  matmul<scalar_t>(ops.q + ops.query_offset(item.batch, head, item.queries.begin), head_dim, false,
+                   ops.k + ops.key_offset(item.batch, head, keys.begin), head_dim, true, workspace.logits.data(),
+                   keys.count, item.queries.count, keys.count, head_dim, ops.scale, scalar_t(0));
+  if (ops.has_bias()) {
+    add_bias(ops.coefficients(head), workspace.pairs, item.queries.count * keys.count, workspace.logits.data());
+  }
+}
+
+template <typename scalar_t>
+void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace<scalar_t>& workspace,
+                  scalar_t* out, scalar_t* logsumexp) {
+  const Geometry& geometry = ops.geometry;
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t heads_per_group = geometry.heads_per_group();
+  const int64_t query_count = item.queries.count;
+  std::fill(workspace.accumulators.begin(), workspace.accumulators.end(), scalar_t(0));
+  std::fill(workspace.running_max.begin(), workspace.running_max.end(), -std::numeric_limits<scalar_t>::infinity());
+  std::fill(workspace.running_sum.begin(), workspace.running_sum.end(), scalar_t(0));
+
+  for (int64_t key_tile = 0; key_tile < ops.key_tiling.count; ++key_tile) {
+    const Tile keys = ops.key_tiling.tile(key_tile, geometry.keys);
+    if (ops.has_bias()) {
+      locate_pairs(ops, item.queries, keys, ops.kpos + ops.kpos_offset(item.batch, item.group, keys.begin),
+                   workspace.pairs);
+    }
+    for (int64_t h = 0; h < heads_per_group; ++h) {
+      const int64_t head = item.group * heads_per_group + h;
+      tile_logits(ops, item, head, keys, workspace);
+      scalar_t* accumulators = workspace.accumulators.data() + h * query_count * head_dim;
+      for (int64_t i = 0; i < query_count; ++i) {
+        online_softmax_row(workspace.logits.data() + i * keys.count, keys.count,
+                           workspace.running_max[h * query_count + i], workspace.running_sum[h * query_count + i],
+                           accumulators + i * head_dim, head_dim);
+      }
+      matmul<scalar_t>(workspace.logits.data(), keys.count, false,
+                       ops.v + ops.key_offset(item.batch, head, keys.begin), head_dim, false, accumulators,
+                       head_dim, query_count, head_dim, keys.count, scalar_t(1), scalar_t(1));
     }
   }
 
   for (int64_t h = 0; h < heads_per_group; ++h) {
-    const int64_t head = tile.group * heads_per_group + h;
-    for (int64_t i = 0; i < tile.count; ++i) {
-      const int64_t offset = ops.query_offset(tile.batch, head, tile.begin + i);
-      const scalar_t* grad_query = grad_queries.data() + (h * kQueryTile + i) * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) grad_q[offset + d] = grad_query[d] * ops.scale;
+    const int64_t head = item.group * heads_per_group + h;
+    for (int64_t i = 0; i < query_count; ++i) {
+      const int64_t row = h * query_count + i;
+      const int64_t query_offset = ops.query_offset(item.batch, head, item.queries.begin + i);
+      const scalar_t inverse_sum = scalar_t(1) / workspace.running_sum[row];
+      for (int64_t d = 0; d < head_dim; ++d) {
+        out[query_offset + d] = workspace.accumulators[row * head_dim + d] * inverse_sum;
+      }
+      logsumexp[query_offset / head_dim] = workspace.running_max[row] + log_of(workspace.running_sum[row]);
     }
   }
 }
 
-// Forward of query tiles [begin, end).
 template <typename scalar_t>
-void forward_tiles(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out, scalar_t* logsumexp) {
+void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, const WorkItem& item,
+                   Workspace<scalar_t>& workspace, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
   const Geometry& geometry = ops.geometry;
-  const int64_t rows = geometry.heads_per_group() * kQueryTile;
-  KeyTileBuffers<scalar_t> buffers(geometry);
-  std::vector<scalar_t> accumulators(rows * geometry.head_dim), running_max(rows), running_sum(rows);
-  for (int64_t index = begin; index < end; ++index) {
-    forward_query_tile(ops, query_tile(index, geometry), buffers, accumulators, running_max, running_sum, out,
-                       logsumexp);
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t heads_per_group = geometry.heads_per_group();
+  const int64_t query_count = item.queries.count;
+  std::fill(workspace.accumulators.begin(), workspace.accumulators.end(), scalar_t(0));  // grad of q / scale
+  for (int64_t h = 0; h < heads_per_group; ++h) {
+    const int64_t head = item.group * heads_per_group + h;
+    for (int64_t i = 0; i < query_count; ++i) {
+      const int64_t offset = ops.query_offset(item.batch, head, item.queries.begin + i);
+      scalar_t delta = 0;
+      for (int64_t d = 0; d < head_dim; ++d) delta += saved.grad_out[offset + d] * saved.out[offset + d];
+      workspace.deltas[h * query_count + i] = delta;
+    }
+  }
+
+  for (int64_t key_tile = 0; key_tile < ops.key_tiling.count; ++key_tile) {
+    const Tile keys = ops.key_tiling.tile(key_tile, geometry.keys);
+    if (ops.has_bias()) {
+      locate_pairs(ops, item.queries, keys, ops.kpos + ops.kpos_offset(item.batch, item.group, keys.begin),
+                   workspace.pairs);
+      std::fill(workspace.grad_key_frac.begin(), workspace.grad_key_frac.end(), scalar_t(0));
+    }
+    for (int64_t h = 0; h < heads_per_group; ++h) {
+      const int64_t head = item.group * heads_per_group + h;
+      const int64_t query_offset = ops.query_offset(item.batch, head, item.queries.begin);
+      const int64_t key_offset = ops.key_offset(item.batch, head, keys.begin);
+      tile_logits(ops, item, head, keys, workspace);
+      scalar_t* probs = workspace.logits.data();
+      scalar_t* grad_logits = workspace.grad_logits.data();
+      // grad_probs = dO V^T, then turned in place into the logit gradients.
+      matmul<scalar_t>(saved.grad_out + query_offset, head_dim, false, ops.v + key_offset, head_dim, true,
+                       grad_logits, keys.count, query_count, keys.count, head_dim, scalar_t(1), scalar_t(0));
+      for (int64_t i = 0; i < query_count; ++i) {
+        const scalar_t row_logsumexp = saved.logsumexp[query_offset / head_dim + i];
+        const scalar_t row_delta = workspace.deltas[h * query_count + i];
+        scalar_t* __restrict__ row_probs = probs + i * keys.count;
+        scalar_t* __restrict__ row_grads = grad_logits + i * keys.count;
+#pragma omp simd
+        for (int64_t j = 0; j < keys.count; ++j) {
+          row_probs[j] = exp_vectorisable(row_probs[j] - row_logsumexp);
+          row_grads[j] = softmax_logit_grad(row_probs[j], row_grads[j], row_delta);
+        }
+      }
+      matmul<scalar_t>(probs, keys.count, true, saved.grad_out + query_offset, head_dim, false, sinks.v + key_offset,
+                       head_dim, keys.count, head_dim, query_count, scalar_t(1), scalar_t(1));
+      matmul<scalar_t>(grad_logits, keys.count, true, ops.q + query_offset, head_dim, false, sinks.k + key_offset,
+                       head_dim, keys.count, head_dim, query_count, ops.scale, scalar_t(1));
+      matmul<scalar_t>(grad_logits, keys.count, false, ops.k + key_offset, head_dim, false,
+                       workspace.accumulators.data() + h * query_count * head_dim, head_dim, query_count, head_dim,
+                       keys.count, scalar_t(1), scalar_t(1));
+      if (ops.has_bias()) {
+        add_bias_backward(ops.coefficients(head), workspace.pairs, grad_logits, query_count, keys.count,
+                          sinks.coefficients + head * ops.cells.size(), workspace.grad_key_frac.data());
+      }
+    }
+    if (ops.has_bias()) {
+      // in-cell position = (query - key) * half * pixels per unit + const, so d/d(key) = -half * that scale
+      scalar_t* grad_kpos = sinks.kpos + ops.kpos_offset(item.batch, item.group, keys.begin);
+      const scalar_t row_scale = -scalar_t(kDisplacementPerPosition) * pixel_per_unit<scalar_t>(geometry.table_height);
+      const scalar_t col_scale = -scalar_t(kDisplacementPerPosition) * pixel_per_unit<scalar_t>(geometry.table_width);
+      for (int64_t j = 0; j < keys.count; ++j) {
+        grad_kpos[2 * j] += row_scale * workspace.grad_key_frac[2 * j];
+        grad_kpos[2 * j + 1] += col_scale * workspace.grad_key_frac[2 * j + 1];
+      }
+    }
+  }
+
+  for (int64_t h = 0; h < heads_per_group; ++h) {
+    const int64_t head = item.group * heads_per_group + h;
+    const int64_t offset = ops.query_offset(item.batch, head, item.queries.begin);
+    const scalar_t* grad_query = workspace.accumulators.data() + h * query_count * head_dim;
+    for (int64_t e = 0; e < query_count * head_dim; ++e) grad_q[offset + e] = grad_query[e] * ops.scale;
   }
 }
 
-// Backward of query tiles [begin, end); key-side gradients go to `sinks`.
+// Forward of work items [begin, end).
 template <typename scalar_t>
-void backward_tiles(const Operands<scalar_t>& ops, const scalar_t* grad_out, const scalar_t* out,
-                    const scalar_t* logsumexp, int64_t begin, int64_t end, const GradientSinks<scalar_t>& sinks,
-                    scalar_t* grad_q) {
-  const Geometry& geometry = ops.geometry;
-  const int64_t rows = geometry.heads_per_group() * kQueryTile;
-  KeyTileBuffers<scalar_t> buffers(geometry);
-  std::vector<scalar_t> grad_queries(rows * geometry.head_dim), deltas(rows);
-  std::vector<scalar_t> values_t(geometry.head_dim * kKeyTile), grad_probs(kKeyTile);
-  std::vector<scalar_t> grad_key_pos(2 * kKeyTile);
+void forward_items(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out, scalar_t* logsumexp) {
+  Workspace<scalar_t> workspace(ops);
   for (int64_t index = begin; index < end; ++index) {
-    backward_query_tile(ops, grad_out, out, logsumexp, query_tile(index, geometry), buffers, grad_queries, deltas,
-                        values_t, grad_probs, grad_key_pos, sinks, grad_q);
+    forward_item(ops, ops.work_item(index), workspace, out, logsumexp);
+  }
+}
+
+// Backward of work items [begin, end); key-side gradients go to `sinks`.
+template <typename scalar_t>
+void backward_items(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, int64_t begin,
+                    int64_t end, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
+  Workspace<scalar_t> workspace(ops);
+  for (int64_t index = begin; index < end; ++index) {
+    backward_item(ops, saved, ops.work_item(index), workspace, sinks, grad_q);
   }
 }
