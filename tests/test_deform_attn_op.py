@@ -41,9 +41,9 @@ def fused(q, k, v, kpos, qpos, rpe, scale):
 
 DIFFERENTIABLE = ('q', 'k', 'v', 'kpos', 'rpe')
 
-# (batch, heads, groups, queries, keys, head_dim, table, key_spread): odd/even/non-square tables, query
-# and key counts on both sides of the kernel tiles (32 queries, 64 keys), displacements inside, across
-# and fully outside the table border, and no table.
+# (batch, heads, groups, queries, keys, head_dim, table, key_spread): odd/even/non-square and one-row
+# tables, displacements inside, across and fully outside the table border, and no table. Several query
+# and key tiles of the CPU kernel are covered by the fp64 comparison with the reference below.
 GRADCHECK_CASES = [
     (1, 2, 1, 5, 7, 4, (5, 5), 1.0),
     (1, 4, 2, 9, 3, 3, (4, 6), 2.0),
@@ -119,6 +119,7 @@ FP32_CASES = [
     (1, 4, 2, 200, 49, 32, (111, 111), 1.0),
     (2, 2, 1, 70, 100, 20, (14, 9), 2.0),
     (1, 3, 1, 40, 66, 16, None, 1.0),
+    (1, 2, 1, 200, 1100, 16, (13, 13), 1.2),  # 3 key tiles, 3 query tiles
 ]
 
 
@@ -136,8 +137,10 @@ def test_cpu_fp32_matches_reference(case):
 
 
 @needs_cpu_op
-def test_cpu_fp64_matches_reference_tightly():
-    inputs = make_inputs(2, 4, 2, 45, 70, 8, (9, 12), key_spread=1.5, seed=3)
+@pytest.mark.parametrize('queries, keys', [(45, 70), (300, 1030)], ids=['one-tile', 'many-tiles'])
+def test_cpu_fp64_matches_reference_tightly(queries, keys):
+    # many-tiles: 3 key tiles (the online softmax rescales across them) x 4 query tiles of the CPU kernel
+    inputs = make_inputs(2, 4, 2, queries, keys, 8, (9, 12), key_spread=1.5, seed=3)
     grad_out = torch.randn(inputs['q'].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.3, grad_out)
     out, grads = fused_outputs_and_grads(inputs, 0.3, grad_out)

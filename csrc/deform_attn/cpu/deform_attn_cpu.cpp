@@ -23,9 +23,12 @@ namespace dat {
 namespace deform_attn {
 namespace {
 
-// Tile bounds: a 64 x 512 logit tile and its pair cells stay in L2 (about 0.5 MB in float32).
-constexpr int64_t kMaxQueryTile = 64;
+// Tile bounds: a logit tile of at most 64 x 512 pairs and its pair cells stay in L2 (about 0.5 MB in
+// float32). With fewer keys the query tile grows (up to 256 queries), so that the products stay large
+// enough for BLAS to pay off.
 constexpr int64_t kMaxKeyTile = 512;
+constexpr int64_t kMaxTilePairs = 64 * kMaxKeyTile;
+constexpr int64_t kMaxQueryTile = 256;
 
 struct Tile {
   int64_t begin;
@@ -64,6 +67,13 @@ struct CellGrid {
       : rows(table_height + kCellPadding), columns(table_width + kCellPadding) {}
   int64_t size() const { return rows * columns * 4; }  // coefficients per head
 };
+
+// Pair cells hold int32 coefficient offsets.
+void check_cell_offsets_fit(const Geometry& geometry) {
+  TORCH_CHECK(CellGrid(geometry.table_height, geometry.table_width).size() <= std::numeric_limits<int32_t>::max(),
+              "dat::deform_attn on CPU: relative-position table of ", geometry.table_height, " x ", geometry.table_width,
+              " is too large");
+}
 
 // rpe (M, Th, Tw) -> coefficients (M, Th + 2, Tw + 2, 4), see CellGrid.
 at::Tensor cell_coefficients(const at::Tensor& rpe) {
@@ -129,16 +139,17 @@ struct Operands {
   const scalar_t* cell_coefficients;  // (M, cells), see CellGrid; nullptr when there is no bias
   scalar_t scale;
   Geometry geometry;
+  Tiling key_tiling;  // before query_tiling, which depends on it
   Tiling query_tiling;
-  Tiling key_tiling;
   CellGrid cells;
 
   Operands(const ContiguousInputs& inputs, const at::Tensor& coefficients, double scale_in, const Geometry& geometry_in)
       : q(inputs.q.data_ptr<scalar_t>()), k(inputs.k.data_ptr<scalar_t>()), v(inputs.v.data_ptr<scalar_t>()),
         kpos(inputs.kpos.data_ptr<scalar_t>()), qpos(inputs.qpos.data_ptr<scalar_t>()),
         cell_coefficients(coefficients.defined() ? coefficients.data_ptr<scalar_t>() : nullptr),
-        scale(static_cast<scalar_t>(scale_in)), geometry(geometry_in), query_tiling(geometry.queries, kMaxQueryTile),
-        key_tiling(geometry.keys, kMaxKeyTile), cells(geometry.table_height, geometry.table_width) {}
+        scale(static_cast<scalar_t>(scale_in)), geometry(geometry_in), key_tiling(geometry.keys, kMaxKeyTile),
+        query_tiling(geometry.queries, std::min(kMaxQueryTile, kMaxTilePairs / key_tiling.size)),
+        cells(geometry.table_height, geometry.table_width) {}
 
   bool has_bias() const { return cell_coefficients != nullptr; }
   const scalar_t* coefficients(int64_t head) const { return cell_coefficients + head * cells.size(); }
@@ -261,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
   const Geometry geometry = check_forward_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   check_cpu_dtype(q_in);
+  check_cell_offsets_fit(geometry);
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const at::Tensor& q = inputs.q;
   at::Tensor out = at::empty_like(q);
@@ -287,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   const Geometry geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   check_cpu_dtype(q_in);
+  check_cell_offsets_fit(geometry);
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
