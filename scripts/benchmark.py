@@ -1,27 +1,28 @@
 """Whole-model throughput and peak memory, fused attention ops vs the pure-PyTorch reference, in one run.
 
 Each measurement runs in a fresh subprocess so that peak memory is its own: on the CPU the growth of the
-process's peak RSS over its size before the timed passes, on CUDA `torch.cuda.max_memory_allocated`.
+process's resident set over its size before the passes, on CUDA that of `torch.cuda.max_memory_allocated`.
+Throughput is from the median pass of --repeats, after one warm-up pass.
 
     python scripts/benchmark.py                                  # DAT and DAT++ classifiers at 224, batch 8
-    python scripts/benchmark.py --backbone --size 800 1333 --batch 1 --models dat_tiny dat_pp_tiny
     python scripts/benchmark.py --train                          # forward + backward
     python scripts/benchmark.py --device cuda --amp              # on a GPU, bf16 autocast
 
+Detection backbones (the feature pyramid at 800x1333, gradient checkpointing): scripts/benchmark_backbone.py.
 Prints a table with images/s and peak memory per implementation and their ratios (fused / reference).
 """
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
 
 DEFAULT_MODELS = ['dat_tiny', 'dat_small', 'dat_base', 'dat_pp_tiny', 'dat_pp_small', 'dat_pp_base']
 
 
-def measure(model_name, impl, size, batch, train, backbone, device, amp, repeats):
+def measure(model_name, impl, size, batch, train, device, amp, repeats):
+    """Runs in the worker: images/s and peak memory growth of one model with one attention implementation."""
     import timm
     import torch
     import dat  # noqa: F401
@@ -30,74 +31,48 @@ def measure(model_name, impl, size, batch, train, backbone, device, amp, repeats
     if impl == 'fused' and not native_op_available('deform_attn', device):
         return {'error': 'fused op not built for ' + device}
     torch.manual_seed(0)
-    model = timm.create_model(model_name, features_only=backbone, attn_impl=impl).to(device)
+    model = timm.create_model(model_name, attn_impl=impl).to(device)
     model.train(train)
     images = torch.randn(batch, 3, *size, device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
 
     def step():
         with autocast, torch.set_grad_enabled(train):
-            out = model(images)
-            loss = sum(o.float().mean() for o in out) if backbone else out.float().mean()
+            loss = model(images).float().mean()
         if train:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    # the peak is measured from before the warm-up pass: on the CPU, peak RSS never goes back down
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()  # warm-up (kernels, caches, allocator)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    elapsed = (time.perf_counter() - start) / repeats
-    return {'images_per_s': batch / elapsed, 'peak_mb': max(peak, 0) / 2 ** 20, 'seconds': elapsed}
-
-
-def run_case(args, model_name, impl):
-    """One measurement in a fresh interpreter; returns its result dict."""
-    cmd = [sys.executable, __file__, '--child', json.dumps(dict(
-        model_name=model_name, impl=impl, size=args.size, batch=args.batch, train=args.train,
-        backbone=args.backbone, device=args.device, amp=args.amp, repeats=args.repeats))]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, DAT_ATTN_IMPL=impl))
-    if done.returncode != 0:
-        return {'error': done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f'exit {done.returncode}'}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the warm-up pass is inside the measured region: on the CPU it already reaches the peak
+    with PeakMemory(device) as memory:
+        seconds = median_seconds(step, device, repeats=repeats, warmup=1)
+    return {'images_per_s': batch / seconds, 'peak_mb': memory.growth / 2 ** 20, 'seconds': seconds}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    if serve_worker(measure):
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS)
     parser.add_argument('--size', nargs=2, type=int, default=[224, 224])
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--train', action='store_true', help='forward + backward instead of inference')
-    parser.add_argument('--backbone', action='store_true', help='features_only backbone instead of classifier')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
-        return
 
     mode = 'fwd+bwd' if args.train else 'fwd'
+    shape = f'{args.batch}x{args.size[0]}x{args.size[1]}'
     print(f'{"model":<14}{"mode":<9}{"input":<14}{"impl":<11}{"img/s":>9}{"peak MB":>10}'
           f'{"speed x":>9}{"memory /":>10}')
     for model_name in args.models:
-        results = {impl: run_case(args, model_name, impl) for impl in ('reference', 'fused')}
+        results = {impl: run_isolated(__file__, dict(
+            model_name=model_name, impl=impl, size=args.size, batch=args.batch, train=args.train,
+            device=args.device, amp=args.amp, repeats=args.repeats), env=dict(DAT_ATTN_IMPL=impl))
+            for impl in ('reference', 'fused')}
         reference = results['reference']
         for impl, result in results.items():
-            shape = f'{args.batch}x{args.size[0]}x{args.size[1]}'
             if 'error' in result:
                 print(f'{model_name:<14}{mode:<9}{shape:<14}{impl:<11}  unavailable: {result["error"]}')
                 continue

@@ -2,24 +2,22 @@
 
 Four levels from an 800x1333 image (strides 8/16/32/64), d_model 256 in 8 heads (32 channels),
 4 points per level, batch 1; 300 and 900 queries (the decoder) and one query per pixel (the encoder).
-Times forward and forward+backward (the best of --repeats calls: on a shared machine the
-fastest call is the least disturbed one) and the peak memory of one call:
-`torch.cuda.max_memory_allocated` on a GPU; on the CPU the growth of the process's peak resident
-memory over one call, measured in a fresh subprocess per row (Linux only).
+Times forward and forward+backward (the median of --repeats calls after --warmup calls) and the peak
+memory of one call after a first one: `torch.cuda.max_memory_allocated` on a GPU; on the CPU the growth
+of the process's resident memory, measured in a fresh subprocess per row (Linux only).
 
     OMP_NUM_THREADS=2 python scripts/benchmark_msda.py
     python scripts/benchmark_msda.py --device cuda --dtypes float32 float16
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
+from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
 from dat.layers import level_pixel_centres  # noqa: E402
 from dat.ops.ms_deform_attn import multi_scale_deformable_attention  # noqa: E402
 
@@ -74,62 +72,26 @@ def make_step(case, impl, mode, dtype, device):
     return step
 
 
-def synchronize(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def time_step(step, device, warmup, repeats):
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def peak_memory_cuda(step):
-    step()  # first call allocates the autograd and allocator state outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
+def measure_peak_bytes(case, impl, mode, dtype, device):
+    """Peak memory one call adds, after a first call has set up the autograd and allocator state."""
+    step = make_step(case, impl, mode, getattr(torch, dtype), device)
     step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - baseline
+    with PeakMemory(device) as memory:
+        step()
+    return {'peak_bytes': memory.growth}
 
 
-def peak_memory_cpu(case, impl, mode, dtype):
-    """Peak resident memory added by one call, measured in a fresh process (see `measure_cpu_memory`)."""
-    command = [sys.executable, os.path.abspath(__file__), '--measure-cpu-memory', case, impl, mode, '--dtypes', dtype]
+def peak_bytes(case, impl, mode, dtype, device):
+    """`measure_peak_bytes`, on the CPU in a fresh process, whose resident set holds nothing of the other rows."""
+    if device == 'cuda':
+        return measure_peak_bytes(case, impl, mode, dtype, device)['peak_bytes']
     # A fixed mmap threshold makes glibc map every tensor-sized block on its own and unmap it when it
     # is freed, so freed memory does not stay resident and hide the next call's allocations.
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-    result = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
-    return json.loads(result.stdout.strip().splitlines()[-1])['peak_bytes']
-
-
-def resident_kib(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'/proc/self/status has no {field}')
-
-
-def measure_cpu_memory(case, impl, mode, dtype):
-    """After a warm-up call, reset the process's peak resident size (Linux: /proc/self/clear_refs)
-    and report how far one more call raises it above the resident size before it."""
-    step = make_step(case, impl, mode, getattr(torch, dtype), 'cpu')
-    step()
-    with open('/proc/self/clear_refs', 'w') as clear_refs:
-        clear_refs.write('5')
-    before = resident_kib('VmRSS')
-    step()
-    print(json.dumps({'peak_bytes': (resident_kib('VmHWM') - before) * 1024}))
+    result = run_isolated(__file__, dict(case=case, impl=impl, mode=mode, dtype=dtype, device=device),
+                          env=dict(MALLOC_MMAP_THRESHOLD_='65536'))
+    if 'error' in result:
+        raise RuntimeError(f'peak memory of {case} {impl} {mode}: {result["error"]}')
+    return result['peak_bytes']
 
 
 def memory_ratio(reference_bytes, fused_bytes):
@@ -140,17 +102,15 @@ def memory_ratio(reference_bytes, fused_bytes):
 
 
 def main():
+    if serve_worker(measure_peak_bytes):
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--dtypes', nargs='+', default=None, help='default: float32 (cpu), float32 float16 (cuda)')
     parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
     parser.add_argument('--repeats', type=int, default=None, help='timed calls per row (default 5 cpu, 50 cuda)')
     parser.add_argument('--warmup', type=int, default=None, help='untimed calls first (default 1 cpu, 10 cuda)')
-    parser.add_argument('--measure-cpu-memory', nargs=3, metavar=('CASE', 'IMPL', 'MODE'), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure_cpu_memory:
-        measure_cpu_memory(*args.measure_cpu_memory, args.dtypes[0])
-        return
 
     on_gpu = args.device == 'cuda'
     dtypes = args.dtypes or (['float32', 'float16'] if on_gpu else ['float32'])
@@ -159,7 +119,7 @@ def main():
     device_name = torch.cuda.get_device_name() if on_gpu else f'CPU, {torch.get_num_threads()} threads'
     print(f'# multi-scale deformable attention, {device_name}, torch {torch.__version__}')
     print(f'# levels {LEVEL_SHAPES} (S={VALUE_LEN}), heads {HEADS}, channels {CHANNELS}, points {POINTS}, batch 1; '
-          f'best of {repeats} after {warmup} warm-up')
+          f'median of {repeats} after {warmup} warm-up')
     header = (f'{"case":<12} {"queries":>7} {"dtype":<8} {"mode":<16} {"reference ms":>12} {"fused ms":>9} '
               f'{"speed-up":>8} {"ref MiB":>8} {"fused MiB":>9} {"mem ratio":>9}')
     print(header)
@@ -170,9 +130,9 @@ def main():
                 seconds, peaks = {}, {}
                 for impl in IMPLS:
                     step = make_step(case, impl, mode, getattr(torch, dtype), args.device)
-                    seconds[impl] = time_step(step, args.device, warmup, repeats)
-                    peaks[impl] = peak_memory_cuda(step) if on_gpu else peak_memory_cpu(case, impl, mode, dtype)
+                    seconds[impl] = median_seconds(step, args.device, repeats=repeats, warmup=warmup)
                     del step
+                    peaks[impl] = peak_bytes(case, impl, mode, dtype, args.device)
                 print(f'{case:<12} {CASES[case]:>7} {dtype:<8} {mode:<16} {seconds["reference"] * 1e3:>12.2f} '
                       f'{seconds["fused"] * 1e3:>9.2f} {seconds["reference"] / seconds["fused"]:>7.1f}x '
                       f'{peaks["reference"] / 2**20:>8.1f} {peaks["fused"] / 2**20:>9.1f} '

@@ -2,25 +2,23 @@
 
 Times the forward (no autograd) and forward+backward at DAT++-T stage sizes (224 input) and at a
 detection size, and reports peak memory: on CUDA from the caching allocator, on CPU as the growth of
-the process's peak resident set, each (impl, size) measured in a fresh subprocess so that watermarks
-do not carry over. `--with-flex` adds FlexAttention (block mask + rpb score_mod, torch.compile'd) as a
-third contender, the alternative fast path considered for this op.
+the process's resident set, each (impl, size) measured in a fresh subprocess so that watermarks
+do not carry over. Times are the median call over at least a second of calls (3 to 50). `--with-flex`
+adds FlexAttention (block mask + rpb score_mod, torch.compile'd) as a third contender, the alternative
+fast path considered for this op.
 
     OMP_NUM_THREADS=2 python scripts/benchmark_nat.py
     python scripts/benchmark_nat.py --device cuda --with-flex
 """
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
+from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
 from dat.ops import neighborhood_attention  # noqa: E402
 
 # name, batch, heads, height, width (head_dim 32, kernel 7 throughout, as in DAT++-T)
@@ -32,6 +30,8 @@ SIZES = [
 ]
 HEAD_DIM = 32
 KERNEL_SIZE = 7
+# the memory passes before the timings are their warm-up
+TIMING = dict(repeats=3, warmup=0, min_seconds=1.0, max_repeats=50)
 
 
 def flex_neighborhood_attention(dilation, height, width, heads, device):
@@ -72,36 +72,6 @@ def flex_neighborhood_attention(dilation, height, width, heads, device):
     return attend
 
 
-def synchronize(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def peak_memory_mib(device, baseline):
-    if device == 'cuda':
-        return (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024  # ru_maxrss is KiB on Linux
-
-
-def memory_baseline(device):
-    if device == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def median_seconds(step, device, min_total=1.0, min_repeats=3, max_repeats=50):
-    times = []
-    while len(times) < min_repeats or (sum(times) < min_total and len(times) < max_repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(impl, size_index, device, dilation):
     """Runs in a fresh process: peak memory first (fwd, then fwd+bwd), then the timings."""
     _, B, M, H, W = SIZES[size_index]
@@ -128,49 +98,35 @@ def measure(impl, size_index, device, dilation):
 
     # torch 2.14's FlexAttention has no CPU backward ("does not support backward on CPU").
     trains = not (impl == 'flex' and device == 'cpu')
-    result = {}
     if impl == 'flex':  # compile outside the measured region
         forward()
         if trains:
             forward_backward()
-    # On CPU the baseline is a high watermark, which flex's compilation has already raised: no memory figure.
-    if not (impl == 'flex' and device == 'cpu'):
-        baseline = memory_baseline(device)
+    result = {}
+    with PeakMemory(device) as memory:
         forward()
-        synchronize(device)
-        result['forward_mib'] = peak_memory_mib(device, baseline)
-        if trains:
-            forward_backward()
-            synchronize(device)
-            result['train_mib'] = peak_memory_mib(device, baseline)
-    result['forward_ms'] = 1e3 * median_seconds(forward, device)
+    result['forward_mib'] = memory.growth / 2 ** 20
     if trains:
-        result['train_ms'] = 1e3 * median_seconds(forward_backward, device)
+        with PeakMemory(device) as memory:
+            forward_backward()
+        result['train_mib'] = memory.growth / 2 ** 20
+    result['forward_ms'] = 1e3 * median_seconds(forward, device, **TIMING)
+    if trains:
+        result['train_ms'] = 1e3 * median_seconds(forward_backward, device, **TIMING)
     if impl != 'reference':
         reference = neighborhood_attention(q, k, v, rpb, KERNEL_SIZE, dilation, scale=scale, impl='reference')
         result['max_abs_diff'] = (forward() - reference).abs().max().item()
     return result
 
 
-def run_in_subprocess(impl, size_index, device, dilation):
-    command = [sys.executable, os.path.abspath(__file__), '--child', impl, str(size_index), '--device', device,
-               '--dilation', str(dilation)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return dict(error=result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed')
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main():
+    if serve_worker(measure):
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--dilation', type=int, default=1)
     parser.add_argument('--with-flex', action='store_true', help='also measure FlexAttention (torch.compile)')
-    parser.add_argument('--child', nargs=2, metavar=('IMPL', 'SIZE'), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), args.device, args.dilation)))
-        return
 
     impls = ['fused', 'reference'] + (['flex'] if args.with_flex else [])
     print(f'device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} '
@@ -183,7 +139,8 @@ def main():
         return form.format(result[key]) if key in result else 'n/a'
 
     for index, (name, B, M, _, _) in enumerate(SIZES):
-        results = {impl: run_in_subprocess(impl, index, args.device, args.dilation) for impl in impls}
+        results = {impl: run_isolated(__file__, dict(impl=impl, size_index=index, device=args.device,
+                                                     dilation=args.dilation)) for impl in impls}
         reference = results['reference']
         for impl, r in results.items():
             if 'error' in r:

@@ -1,22 +1,21 @@
 """Benchmark the fused `dat::deform_attn` op against the official (unchunked) deformable-attention math.
 
 Both run in the same invocation, on the same inputs, forward and forward+backward, at DAT / DAT++ shapes.
-Every measurement runs in a fresh subprocess, so that peak memory is that of the measured call alone:
-on CPU the growth of the peak resident set size (getrusage) over the resident size once the inputs
-exist; on CUDA torch.cuda.max_memory_allocated over the allocated bytes once the inputs exist.
+Every measurement runs in a fresh subprocess, so that peak memory is that of the measured calls alone:
+on CPU the peak resident set size over the resident size once the inputs exist; on CUDA
+torch.cuda.max_memory_allocated over the allocated bytes once the inputs exist. Time is the median call
+after one warm-up call, over at least --min-seconds of calls (at most --max-repeats).
 
     OMP_NUM_THREADS=2 python scripts/benchmark_op.py                 # CPU, float32
     python scripts/benchmark_op.py --device cuda --dtypes float32 float16
     python scripts/benchmark_op.py --cases detection --modes forward  # a subset
 """
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_harness import PeakMemory, format_bytes, median_seconds, run_isolated, serve_worker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,13 +67,8 @@ def fused_io_bytes(case, dtype_bytes, backward):
                       + 2 * table_bytes + logsumexp)
 
 
-def resident_bytes():
-    with open('/proc/self/statm') as statm:
-        return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
 def measure(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
-    """Runs in the worker subprocess: returns median seconds per call and peak extra bytes."""
+    """Runs in the worker subprocess: median seconds per call and peak bytes over the inputs."""
     import torch
     sys.path.insert(0, ROOT)
     from dat.ops.deform_attn import deformable_attention, deformable_attention_reference
@@ -94,53 +88,16 @@ def measure(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
             del grads
         del out
 
-    def synchronize():
-        if device == 'cuda':
-            torch.cuda.synchronize()
-
-    with torch.set_grad_enabled(backward):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            baseline = torch.cuda.memory_allocated()
-        else:
-            baseline = resident_bytes()
-        times = []
-        while len(times) < max_repeats and (len(times) < 2 or sum(times) < min_seconds):
-            synchronize()
-            start = time.perf_counter()
-            call()
-            synchronize()
-            times.append(time.perf_counter() - start)
-            if times[0] > min_seconds:  # one slow call is measurement enough
-                break
-        if device == 'cuda':
-            peak = torch.cuda.max_memory_allocated() - baseline
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    # The first call includes one-time costs (allocator growth, CUDA context) when there are others.
-    steady = times[1:] if len(times) > 1 else times
-    return dict(seconds=statistics.median(steady), peak_bytes=max(peak, 0), calls=len(times))
-
-
-def run_worker(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
-    command = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(
-        dict(case=case, impl=impl, mode=mode, dtype_name=dtype_name, device=device, min_seconds=min_seconds,
-             max_repeats=max_repeats))]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if completed.returncode != 0:
-        return dict(error=(completed.stderr.strip().splitlines() or ['failed'])[-1])
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def format_bytes(count):
-    for unit in ('B', 'KiB', 'MiB', 'GiB'):
-        if count < 1024 or unit == 'GiB':
-            return f'{count:.0f} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
-        count /= 1024
+    with torch.set_grad_enabled(backward), PeakMemory(device) as memory:
+        # a call slower than the budget is timed once, after its warm-up call
+        seconds = median_seconds(call, device, repeats=1, warmup=1, min_seconds=min_seconds,
+                                 max_repeats=max_repeats)
+    return dict(seconds=seconds, peak_bytes=memory.growth)
 
 
 def main():
+    if serve_worker(measure):
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--dtypes', nargs='+', default=None,
@@ -149,11 +106,7 @@ def main():
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
     parser.add_argument('--min-seconds', type=float, default=2.0, help='time budget per measurement')
     parser.add_argument('--max-repeats', type=int, default=20)
-    parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(measure(**json.loads(args.worker))))
-        return
 
     import torch
     dtypes = args.dtypes or (['float32'] if args.device == 'cpu' else ['float32', 'float16'])
@@ -169,8 +122,9 @@ def main():
     for case in args.cases:
         for dtype_name in dtypes:
             for mode in args.modes:
-                results = {impl: run_worker(case, impl, mode, dtype_name, args.device, args.min_seconds,
-                                            args.max_repeats) for impl in IMPLS}
+                payload = dict(case=case, mode=mode, dtype_name=dtype_name, device=args.device,
+                               min_seconds=args.min_seconds, max_repeats=args.max_repeats)
+                results = {impl: run_isolated(__file__, dict(payload, impl=impl)) for impl in IMPLS}
                 fused, reference = results['fused'], results['reference']
                 if 'error' in fused or 'error' in reference:
                     print(f'{case:<15} {dtype_name:<8} {mode:<17} fused: {fused.get("error", "ok")}; '
