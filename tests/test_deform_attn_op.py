@@ -302,6 +302,16 @@ def test_op_rejects_empty_keys_and_bad_logsumexp():
         torch.ops.dat.deform_attn_backward(out, *inputs.values(), out, logsumexp.double(), 0.5)
 
 
+@needs_cpu_op
+def test_cpu_op_rejects_a_table_too_large_for_its_cell_offsets():
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
+    # 23200 x 23200: within the op's int32 table check, but its padded cells x 4 coefficients are not;
+    # expanded from one element, so the test allocates nothing large.
+    inputs['rpe'] = torch.zeros(1, 1, 1).expand(2, 23200, 23200)
+    with pytest.raises(RuntimeError, match='23200 x 23200 is too large'):
+        torch.ops.dat.deform_attn(*inputs.values(), 0.5)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
