@@ -54,6 +54,9 @@ inline Geometry geometry_of(const at::Tensor& q, int64_t kernel_size, int64_t di
   return {q.size(1), q.size(2), q.size(3), q.size(4), kernel_size, dilation};
 }
 
+// (batch, head, row, column) positions; not numel / head_dim, which divides by zero when head_dim is 0.
+inline int64_t query_count(const at::Tensor& q) { return q.size(0) * q.size(1) * q.size(2) * q.size(3); }
+
 // Inputs made contiguous, the output and the attention probabilities (in the accumulation dtype).
 struct ForwardTensors {
   at::Tensor q, k, v, rpb, out, attn;

@@ -429,11 +429,14 @@ size_t max_shared_bytes() {
   return static_cast<size_t>(bytes);
 }
 
+// Opts the kernel in to the device's whole shared-memory limit rather than to this launch's size, so that
+// a concurrent launch from another host thread with a smaller head_dim can never lower it under this one.
 template <typename Kernel>
 void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  TORCH_CHECK(bytes <= max_shared_bytes(), "dat::deform_attn: needs ", bytes,
-              " bytes of shared memory per block, the device allows ", max_shared_bytes());
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  const size_t limit = max_shared_bytes();
+  TORCH_CHECK(bytes <= limit, "dat::deform_attn: needs ", bytes, " bytes of shared memory per block, the device allows ",
+              limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
 }
 
 // Calls fn.template operator()<scalar_t, kSlice>() for the input dtype and the smallest register slice

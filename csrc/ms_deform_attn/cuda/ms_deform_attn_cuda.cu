@@ -14,6 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
+
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -149,7 +152,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 int64_t blocks_for_rows(const ProblemSize& size) {
   const int64_t rows = size.batch * size.queries * size.heads;
-  return (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: ", rows,
+              " (batch, query, head) rows are more than one CUDA launch can cover");
+  return blocks;
 }
 
 void check_cuda_tensors(const at::Tensor& value) {

@@ -205,7 +205,18 @@ __global__ void bias_backward_kernel(const acc_t* __restrict__ grad_logits, scal
 }
 
 unsigned int warp_blocks(int64_t items) {
-  return static_cast<unsigned int>((items + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dat::neighborhood_attn: ", items,
+              " queries are more than one CUDA launch can cover");
+  return static_cast<unsigned int>(blocks);
+}
+
+// The per-warp attention rows live in dynamic shared memory, within the 48 KB a launch gets without opting in.
+size_t window_shared_bytes(const Geometry& g, size_t element_size) {
+  const size_t bytes = kWarpsPerBlock * g.window() * element_size;
+  TORCH_CHECK(bytes <= 48 * 1024, "dat::neighborhood_attn: kernel_size ", g.kernel_size,
+              " needs more shared memory per block than the CUDA kernel supports (48 KB)");
+  return bytes;
 }
 
 std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -214,12 +225,12 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, c
   ForwardTensors t = prepare_forward(q, k, v, rpb, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const Geometry g = geometry_of(t.q, kernel_size, dilation);
-  const int64_t queries = t.q.numel() / g.dim;
+  const int64_t queries = query_count(t.q);
   if (queries == 0) return {t.out, t.attn};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t shared = kWarpsPerBlock * g.window() * sizeof(acc_t);
+    const size_t shared = window_shared_bytes(g, sizeof(acc_t));
     forward_kernel<scalar_t, acc_t><<<warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared, stream>>>(
         t.q.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.rpb.data_ptr<scalar_t>(),
         t.out.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), queries, g, static_cast<acc_t>(scale));
@@ -234,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
   BackwardTensors t = prepare_backward(grad_out, q, k, v, attn, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
   const Geometry g = geometry_of(t.q, kernel_size, dilation);
-  const int64_t queries = t.q.numel() / g.dim;
+  const int64_t queries = query_count(t.q);
   if (queries == 0) {
     t.grad_rpb.zero_();
     return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
@@ -242,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t shared = kWarpsPerBlock * g.window() * sizeof(acc_t);
+    const size_t shared = window_shared_bytes(g, sizeof(acc_t));
     query_side_backward_kernel<scalar_t, acc_t><<<warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared, stream>>>(
         t.grad_out.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
         t.grad_logits.data_ptr<acc_t>(), t.grad_q.data_ptr<scalar_t>(), queries, g, static_cast<acc_t>(scale));
