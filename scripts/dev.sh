@@ -49,6 +49,14 @@ if [ ! -f "$DAT_TIMM_TESTS/test_models.py" ]; then
   rm -rf "$tmp"
 fi
 
+# TBB for the emulated CUDA test tier (tests/kernel_targets.py runs the .cu kernels on the CPU through HIP-CPU)
+if [ "$job" = test ] && [ ! -f /usr/include/tbb/tbb.h ] && [ ! -f /usr/include/oneapi/tbb.h ] && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  echo "== installing TBB (libtbb-dev) for the emulated CUDA tests"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtbb-dev; } >/dev/null \
+    || echo "   (could not install libtbb-dev: the emulated CUDA tests will skip)"
+fi
+
 case "$job" in
   demo) exec "$PY" -m dat "$@" ;;
   test) exec "$PY" -m pytest tests "$@" ;;

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dat  # noqa: F401 - registers the models with timm
+from kernel_targets import cuda_target  # noqa: F401 - the fixture that runs CUDA tests on a GPU and emulated
 
 FIXTURES = Path(os.environ.get('DAT_OFFICIAL_FIXTURES', Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official'))
 

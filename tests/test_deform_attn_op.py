@@ -9,7 +9,6 @@ from dat.ops._extension import IMPL_ENV
 CPU_OP = native_op_available('deform_attn', 'cpu')
 CUDA_OP = torch.cuda.is_available() and native_op_available('deform_attn', 'cuda')
 needs_cpu_op = pytest.mark.skipif(not CPU_OP, reason='dat._C is not built with the dat::deform_attn CPU kernel')
-needs_cuda_op = pytest.mark.skipif(not CUDA_OP, reason='needs a CUDA device and dat._C built with CUDA kernels')
 
 
 def make_inputs(batch, heads, groups, queries, keys, head_dim, table, dtype=torch.float64, device='cpu',
@@ -35,8 +34,9 @@ def make_inputs(batch, heads, groups, queries, keys, head_dim, table, dtype=torc
     return {name: t.to(device=device, dtype=dtype) if t is not None else None for name, t in tensors.items()}
 
 
-def fused(q, k, v, kpos, qpos, rpe, scale):
-    return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
+def fused(q, k, v, kpos, qpos, rpe, scale, op=None):
+    """The fused op's output; `op` is another build of it (a KernelTarget's), default dat::deform_attn."""
+    return (op or torch.ops.dat.deform_attn)(q, k, v, kpos, qpos, rpe, scale)[0]
 
 
 DIFFERENTIABLE = ('q', 'k', 'v', 'kpos', 'rpe')
@@ -92,10 +92,10 @@ def reference_outputs_and_grads(inputs, scale, grad_out, block_elements=None):
     return out.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-def fused_outputs_and_grads(inputs, scale, grad_out):
+def fused_outputs_and_grads(inputs, scale, grad_out, op=None):
     leaves = {n: inputs[n].detach().clone().requires_grad_() for n in DIFFERENTIABLE if inputs[n] is not None}
     args = dict(inputs, **leaves)
-    out = fused(args['q'], args['k'], args['v'], args['kpos'], args['qpos'], args['rpe'], scale)
+    out = fused(args['q'], args['k'], args['v'], args['kpos'], args['qpos'], args['rpe'], scale, op)
     out.backward(grad_out)
     return out.detach(), {n: t.grad for n, t in leaves.items()}
 
@@ -259,7 +259,7 @@ def test_dispatch_unsupported_dtype(monkeypatch):
     assert spy.calls == 1
     with pytest.raises(RuntimeError, match='cannot take this call: no cpu kernel for torch.bfloat16'):
         deformable_attention(**inputs, impl='fused')
-    with pytest.raises(RuntimeError, match='supports float32 and float64'):
+    with pytest.raises(TypeError, match='the CPU kernel supports float32 and float64'):
         torch.ops.dat.deform_attn(*inputs.values(), 0.5)
 
 
@@ -271,34 +271,37 @@ def test_dispatch_fused_without_extension_is_an_error():
 
 
 BAD_INPUTS = [
-    (dict(q=torch.zeros(1, 2, 5)), 'must be \\(B, heads, N, head_dim\\)'),
-    (dict(k=torch.zeros(1, 2, 6, 3), v=torch.zeros(1, 2, 6, 3)), 'k and v must be'),
-    (dict(kpos=torch.zeros(1, 1, 7, 2)), 'kpos must be'),
-    (dict(kpos=torch.zeros(1, 3, 6, 2)), 'cannot be split evenly'),
-    (dict(qpos=torch.zeros(4, 2)), 'qpos must be'),
-    (dict(rpe=torch.zeros(3, 5, 5)), 'rpe must be'),
-    (dict(v=torch.zeros(1, 2, 6, 4, dtype=torch.float64)), 'dtype'),
+    (dict(q=torch.zeros(1, 2, 5)), ValueError, 'q, k, v must be \\(B, heads, N, head_dim\\)'),
+    (dict(k=torch.zeros(1, 2, 6, 3), v=torch.zeros(1, 2, 6, 3)), ValueError, 'k and v must be'),
+    (dict(k=torch.zeros(1, 2, 0, 4), v=torch.zeros(1, 2, 0, 4), kpos=torch.zeros(1, 1, 0, 2)), ValueError,
+     'needs at least one key'),
+    (dict(kpos=torch.zeros(1, 1, 7, 2)), ValueError, 'kpos must be'),
+    (dict(kpos=torch.zeros(1, 3, 6, 2)), ValueError, '2 heads cannot be split evenly into 3 offset groups'),
+    (dict(qpos=torch.zeros(4, 2)), ValueError, 'qpos must be'),
+    (dict(rpe=torch.zeros(3, 5, 5)), ValueError, 'rpe must be'),
+    (dict(rpe=torch.zeros(2, 0, 5)), ValueError, 'rpe must be \\(heads=2, Th, Tw\\) with a non-empty table'),
+    (dict(v=torch.zeros(1, 2, 6, 4, dtype=torch.float64)), TypeError, 'v has dtype \\S+ but q has'),
+    (dict(q=torch.zeros(1, 2, 5, 4, dtype=torch.int32)), TypeError, 'needs floating-point tensors'),
+    (dict(kpos=torch.zeros(1, 1, 6, 2, device='meta')), ValueError, 'kpos is on meta but q is on cpu'),
 ]
 
 
-@pytest.mark.parametrize('bad, message', BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_inputs_are_rejected(bad, message):
+@pytest.mark.parametrize('bad, error, message', BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_inputs_are_rejected(bad, error, message):
+    """The reference path (Python) and the op (C++) refuse a bad input with one exception type and message."""
     inputs = dict(make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32), **bad)
-    with pytest.raises((ValueError, TypeError), match=message):
-        deformable_attention(**inputs)
-    if CPU_OP:  # the op checks its inputs itself too, for callers that bypass the Python wrapper
-        with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(error, match=f'^dat::deform_attn: {message}'):
+        deformable_attention(**inputs, impl='reference')
+    if CPU_OP:
+        with pytest.raises(error, match=f'^dat::deform_attn: {message}'):
             torch.ops.dat.deform_attn(*inputs.values(), 0.5)
 
 
 @needs_cpu_op
-def test_op_rejects_empty_keys_and_bad_logsumexp():
+def test_op_rejects_bad_logsumexp():
     inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
-    empty = dict(inputs, k=inputs['k'][:, :, :0], v=inputs['v'][:, :, :0], kpos=inputs['kpos'][:, :, :0])
-    with pytest.raises(RuntimeError, match='at least one key'):
-        torch.ops.dat.deform_attn(*empty.values(), 0.5)
     out, logsumexp = torch.ops.dat.deform_attn(*inputs.values(), 0.5)
-    with pytest.raises(RuntimeError, match='logsumexp must be'):
+    with pytest.raises(ValueError, match='logsumexp must be'):
         torch.ops.dat.deform_attn_backward(out, *inputs.values(), out, logsumexp.double(), 0.5)
 
 
@@ -308,81 +311,84 @@ def test_cpu_op_rejects_a_table_too_large_for_its_cell_offsets():
     # 23200 x 23200: within the op's int32 table check, but its padded cells x 4 coefficients are not;
     # expanded from one element, so the test allocates nothing large.
     inputs['rpe'] = torch.zeros(1, 1, 1).expand(2, 23200, 23200)
-    with pytest.raises(RuntimeError, match='23200 x 23200 is too large'):
+    with pytest.raises(ValueError, match='table of 23200 x 23200 \\(too large\\)'):
         torch.ops.dat.deform_attn(*inputs.values(), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
+# Each test runs on a GPU and emulated on the CPU (tests/kernel_targets.py), against the reference.
 
 
-def cuda_case(dtype, table=(27, 27), head_dim=32, seed=5):
-    return make_inputs(2, 6, 3, 150, 140, head_dim, table, dtype=dtype, device='cuda', key_spread=1.3, seed=seed)
+def cuda_case(target, dtype, table=(27, 27), head_dim=32, seed=5):
+    return make_inputs(2, 6, 3, 150, 140, head_dim, table, dtype=dtype, device=target.device, key_spread=1.3,
+                       seed=seed)
 
 
-@needs_cuda_op
 @pytest.mark.parametrize('head_dim', [32, 20, 64, 128])
-def test_cuda_fp32_matches_reference(head_dim):
-    inputs = cuda_case(torch.float32, head_dim=head_dim)
-    grad_out = torch.randn(inputs['q'].shape, device='cuda', generator=torch.Generator('cuda').manual_seed(6))
+def test_cuda_fp32_matches_reference(cuda_target, head_dim):
+    inputs = cuda_case(cuda_target, torch.float32, head_dim=head_dim)
+    grad_out = torch.randn(inputs['q'].shape, device=cuda_target.device, generator=cuda_target.generator(6))
     scale = head_dim ** -0.5
     expected_out, expected_grads = reference_outputs_and_grads(inputs, scale, grad_out)
-    out, grads = fused_outputs_and_grads(inputs, scale, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, scale, grad_out, cuda_target.op('deform_attn'))
     # float32 atomics reorder the sums, hence 1e-4.
     torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
 
 
-@needs_cuda_op
-def test_cuda_no_table_and_large_table_fall_back_paths():
+@pytest.mark.parametrize('table', [None, (300, 300)], ids=['no-table', 'table-beyond-shared-memory'])
+def test_cuda_no_table_and_large_table_fall_back_paths(cuda_target, table):
     # A 300 x 300 table does not fit in shared memory: grad_rpe goes straight to global atomics.
-    for table in (None, (300, 300)):
-        inputs = cuda_case(torch.float32, table=table, seed=7)
-        grad_out = torch.randn(inputs['q'].shape, device='cuda')
-        expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.2, grad_out)
-        out, grads = fused_outputs_and_grads(inputs, 0.2, grad_out)
-        torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
-        assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+    inputs = cuda_case(cuda_target, torch.float32, table=table, seed=7)
+    grad_out = torch.randn(inputs['q'].shape, device=cuda_target.device, generator=cuda_target.generator(8))
+    expected_out, expected_grads = reference_outputs_and_grads(inputs, 0.2, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, 0.2, grad_out, cuda_target.op('deform_attn'))
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
 
 
-@needs_cuda_op
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_close_to_fp32_reference(dtype):
-    inputs = cuda_case(dtype)
-    grad_out = torch.randn(inputs['q'].shape, device='cuda', dtype=dtype)
+def test_cuda_half_precision_close_to_fp32_reference(cuda_target, dtype):
+    inputs = cuda_case(cuda_target, dtype)
+    grad_out = torch.randn(inputs['q'].shape, device=cuda_target.device, generator=cuda_target.generator(9)).to(dtype)
     as_fp32 = {n: t.float() if t is not None else None for n, t in inputs.items()}
     expected_out, expected_grads = reference_outputs_and_grads(as_fp32, 32 ** -0.5, grad_out.float())
-    out, grads = fused_outputs_and_grads(inputs, 32 ** -0.5, grad_out)
+    out, grads = fused_outputs_and_grads(inputs, 32 ** -0.5, grad_out, cuda_target.op('deform_attn'))
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
     tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(out.float(), expected_out, **tolerance)
     assert_grads_close(grads, expected_grads, **tolerance)
 
 
-@needs_cuda_op
-def test_cuda_fp32_gradients_match_cpu_fp64():
+def test_cuda_fp32_gradients_match_cpu_fp64(cuda_target):
     # fp64 has no CUDA kernel; compare the CUDA gradients with the (gradchecked) CPU op instead.
     inputs = make_inputs(1, 4, 2, 70, 40, 8, (9, 7), key_spread=1.5, seed=8)
     grad_out = torch.randn(inputs['q'].shape, dtype=torch.float64)
     expected_out, expected_grads = fused_outputs_and_grads(inputs, 0.4, grad_out) if CPU_OP else \
         reference_outputs_and_grads(inputs, 0.4, grad_out)
-    on_cuda = {n: t.float().cuda() if t is not None else None for n, t in inputs.items()}
-    out, grads = fused_outputs_and_grads(on_cuda, 0.4, grad_out.float().cuda())
+    on_target = {n: t.float().to(cuda_target.device) if t is not None else None for n, t in inputs.items()}
+    out, grads = fused_outputs_and_grads(on_target, 0.4, grad_out.float().to(cuda_target.device),
+                                         cuda_target.op('deform_attn'))
     torch.testing.assert_close(out.double().cpu(), expected_out, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
 
 
-@needs_cuda_op
-def test_cuda_opcheck():
-    inputs = make_inputs(1, 2, 1, 70, 40, 32, (7, 9), dtype=torch.float32, device='cuda', key_spread=1.5)
+def test_cuda_opcheck(cuda_target):
+    inputs = make_inputs(1, 2, 1, 70, 40, 32, (7, 9), dtype=torch.float32, device=cuda_target.device,
+                         key_spread=1.5)
     for name in DIFFERENTIABLE:
         inputs[name].requires_grad_()
-    torch.library.opcheck(torch.ops.dat.deform_attn.default, (*inputs.values(), 0.5))
+    torch.library.opcheck(cuda_target.op('deform_attn').default, (*inputs.values(), 0.5))
 
 
-@needs_cuda_op
-def test_cuda_dispatch_and_unsupported_dtype():
-    inputs = cuda_case(torch.float64)
+def test_cuda_op_rejects_unsupported_dtype(cuda_target):
+    inputs = cuda_case(cuda_target, torch.float64)
+    with pytest.raises(TypeError, match='the CUDA kernel supports float32, float16 and bfloat16'):
+        cuda_target.op('deform_attn')(*inputs.values(), 0.5)
+
+
+@pytest.mark.skipif(not CUDA_OP, reason='needs a CUDA device and dat._C built with CUDA kernels')
+def test_cuda_dispatch_of_unsupported_dtype():
+    inputs = make_inputs(2, 6, 3, 150, 140, 32, (27, 27), dtype=torch.float64, device='cuda')
     with pytest.raises(RuntimeError, match='cannot take this call: no cuda kernel for torch.float64'):
         deformable_attention(**inputs, impl='fused')
-    with pytest.raises(RuntimeError, match='supports float32, float16 and bfloat16'):
-        torch.ops.dat.deform_attn(*inputs.values(), 0.5)

@@ -133,15 +133,23 @@ def test_fused_cpu_non_contiguous_inputs():
 FUSED_DEVICES = [pytest.param('cpu', marks=needs_fused_cpu), pytest.param('cuda', marks=needs_fused_cuda)]
 
 
-@pytest.mark.parametrize('device', FUSED_DEVICES)
-def test_opcheck(device):
+def opcheck_forward_and_backward(forward_op, backward_op, device):
     value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 2, 3, 2, 4, 2, dtype=torch.float32,
                                                             device=device, seed=5)
     args = (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_())
-    torch.library.opcheck(torch.ops.dat.ms_deform_attn.default, args)
+    torch.library.opcheck(forward_op.default, args)
     grad_output = torch.randn(2, 3, 8, device=device)
-    torch.library.opcheck(torch.ops.dat.ms_deform_attn_backward.default,
-                          (grad_output,) + tuple(a.detach() for a in args))
+    torch.library.opcheck(backward_op.default, (grad_output,) + tuple(a.detach() for a in args))
+
+
+@needs_fused_cpu
+def test_opcheck():
+    opcheck_forward_and_backward(torch.ops.dat.ms_deform_attn, torch.ops.dat.ms_deform_attn_backward, 'cpu')
+
+
+def test_cuda_opcheck(cuda_target):
+    opcheck_forward_and_backward(cuda_target.op('ms_deform_attn'), cuda_target.op('ms_deform_attn_backward'),
+                                 cuda_target.device)
 
 
 @pytest.mark.parametrize('device', FUSED_DEVICES)
@@ -191,26 +199,22 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize('impl', ['reference', 'fused'])
 @pytest.mark.parametrize('corrupt, error, message', BAD_INPUTS)
-def test_bad_inputs_raise_clear_errors(impl, corrupt, error, message):
-    if impl == 'fused' and not FUSED_CPU:
-        pytest.skip('dat._C was built without the ms_deform_attn CPU kernel')
-    inputs = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2)
-    with pytest.raises(error, match=message):
-        multi_scale_deformable_attention(*corrupt(*inputs), impl=impl)
+def test_bad_inputs_raise_clear_errors(corrupt, error, message):
+    """The reference path (Python) and the op (C++) refuse a bad input with one exception type and message."""
+    inputs = corrupt(*make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2))
+    with pytest.raises(error, match=f'^dat::ms_deform_attn: .*{message}'):
+        multi_scale_deformable_attention(*inputs, impl='reference')
+    if FUSED_CPU:
+        with pytest.raises(error, match=f'^dat::ms_deform_attn: .*{message}'):
+            torch.ops.dat.ms_deform_attn(*inputs)
 
 
 @needs_fused_cpu
-@pytest.mark.parametrize('corrupt, error, message', BAD_INPUTS + [
-    (lambda v, s, i, l, w: _with((v, s, i, l, w), value=v.half(), sampling_locations=l.half(),
-                                 attention_weights=w.half()), TypeError, 'CPU kernel supports float32 and float64'),
-])
-def test_native_op_checks_its_inputs(corrupt, error, message):
-    """Direct calls of torch.ops.dat.ms_deform_attn get the same clear errors from the C++ side."""
-    inputs = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2)
-    with pytest.raises(error, match=message):
-        torch.ops.dat.ms_deform_attn(*corrupt(*inputs))
+def test_cpu_kernel_refuses_half_precision():
+    value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2)
+    with pytest.raises(TypeError, match='^dat::ms_deform_attn: the CPU kernel supports float32 and float64'):
+        torch.ops.dat.ms_deform_attn(value.half(), shapes, starts, locations.half(), weights.half())
 
 
 def test_fused_request_on_unsupported_dtype_is_an_error():
@@ -222,10 +226,10 @@ def test_fused_request_on_unsupported_dtype_is_an_error():
                                ms_deform_attn_reference(value, shapes, starts, locations, weights))
 
 
-@needs_fused_cuda
+# CUDA kernels, on a GPU and emulated on the CPU (tests/kernel_targets.py).
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.float64, 1e-10),
                                               (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
-def test_fused_cuda_matches_reference(dtype, tolerance):
+def test_fused_cuda_matches_reference(cuda_target, dtype, tolerance):
     value, shapes, starts, locations, weights = make_inputs(DECODER_SHAPES, 2, 300, 8, 32, 4, seed=7)
     grad_output = torch.randn(2, 300, 256, dtype=torch.float64)
     # The reference runs in float64 on the inputs rounded to `dtype`, so only the kernel's error is measured.
@@ -234,24 +238,23 @@ def test_fused_cuda_matches_reference(dtype, tolerance):
     expected = ms_deform_attn_reference(reference_inputs[0], shapes, starts, *reference_inputs[1:])
     expected_grads = gradients(expected, reference_inputs, rounded[3])
 
-    cuda_inputs = [t.to('cuda', dtype).requires_grad_() for t in (value, locations, weights)]
-    actual = multi_scale_deformable_attention(cuda_inputs[0], shapes.cuda(), starts.cuda(), *cuda_inputs[1:],
-                                              impl='fused')
+    device = cuda_target.device
+    inputs = [t.to(device, dtype).requires_grad_() for t in (value, locations, weights)]
+    actual = cuda_target.op('ms_deform_attn')(inputs[0], shapes.to(device), starts.to(device), *inputs[1:])
     assert actual.dtype == dtype
-    actual_grads = gradients(actual, cuda_inputs, grad_output.to('cuda', dtype))
+    actual_grads = gradients(actual, inputs, grad_output.to(device, dtype))
     for got, want in zip((actual, *actual_grads), (expected, *expected_grads)):
         scale = max(1.0, float(want.abs().max()))
         torch.testing.assert_close(got.double().cpu() / scale, want.detach() / scale, rtol=tolerance, atol=tolerance)
 
 
-@needs_fused_cuda
-def test_fused_cuda_channels_above_warp_size():
+def test_fused_cuda_channels_above_warp_size(cuda_target):
     # 80 channels: lanes stride over more than one channel each, with a partial last stride.
     value, shapes, starts, locations, weights = make_inputs(DECODER_SHAPES[:2], 1, 40, 2, 80, 3, seed=8)
-    inputs = [t.cuda().requires_grad_() for t in (value, locations, weights)]
+    inputs = [t.to(cuda_target.device).requires_grad_() for t in (value, locations, weights)]
     # The level geometry may stay on the host.
-    actual = torch.ops.dat.ms_deform_attn(inputs[0], shapes, starts, inputs[1], inputs[2])
-    expected = ms_deform_attn_reference(inputs[0], shapes.cuda(), starts.cuda(), inputs[1], inputs[2])
+    actual = cuda_target.op('ms_deform_attn')(inputs[0], shapes, starts, inputs[1], inputs[2])
+    expected = ms_deform_attn_reference(inputs[0], shapes, starts, inputs[1], inputs[2])
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     grad_output = torch.randn_like(actual)
     for got, want in zip(gradients(actual, inputs, grad_output), gradients(expected, inputs, grad_output)):

@@ -2,9 +2,9 @@
 // input checks shared by its kernels.
 #include "deform_attn/deform_attn.h"
 
-#include <torch/library.h>
-
 #include <limits>
+
+#include "common/library.h"
 
 namespace dat {
 namespace deform_attn {
@@ -12,51 +12,51 @@ namespace deform_attn {
 namespace {
 
 void check_same_dtype_and_device(const at::Tensor& reference, const at::Tensor& other, const char* name) {
-  TORCH_CHECK(other.scalar_type() == reference.scalar_type(), "dat::deform_attn: ", name, " has dtype ",
-              other.scalar_type(), " but q has ", reference.scalar_type());
-  TORCH_CHECK(other.device() == reference.device(), "dat::deform_attn: ", name, " is on ", other.device(),
-              " but q is on ", reference.device());
+  TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), "dat::deform_attn: ", name, " has dtype ",
+                   other.scalar_type(), " but q has ", reference.scalar_type());
+  TORCH_CHECK_VALUE(other.device() == reference.device(), "dat::deform_attn: ", name, " is on ", other.device(),
+                    " but q is on ", reference.device());
 }
 
 }  // namespace
 
-Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
-                              const at::Tensor& qpos, const std::optional<at::Tensor>& rpe) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "dat::deform_attn: q, k, v must be (B, heads, N, head_dim); got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "dat::deform_attn: needs floating-point tensors, got ",
-              q.scalar_type());
-  Geometry geometry{};
+Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
+                     const at::Tensor& qpos, const std::optional<at::Tensor>& rpe) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                    "dat::deform_attn: q, k, v must be (B, heads, N, head_dim); got ", q.sizes(), ", ", k.sizes(), ", ",
+                    v.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "dat::deform_attn: needs floating-point tensors, got ",
+                   q.scalar_type());
+  Problem geometry{};
   geometry.batch = q.size(0);
   geometry.heads = q.size(1);
   geometry.queries = q.size(2);
   geometry.head_dim = q.size(3);
   geometry.keys = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == geometry.batch && k.size(1) == geometry.heads &&
-                  k.size(3) == geometry.head_dim,
-              "dat::deform_attn: k and v must be (B=", geometry.batch, ", heads=", geometry.heads,
-              ", Nk, head_dim=", geometry.head_dim, "); got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(geometry.keys > 0, "dat::deform_attn: needs at least one key");
-  TORCH_CHECK(kpos.dim() == 4 && kpos.size(0) == geometry.batch && kpos.size(2) == geometry.keys &&
-                  kpos.size(3) == 2,
-              "dat::deform_attn: kpos must be (B=", geometry.batch, ", groups, Nk=", geometry.keys, ", 2); got ",
-              kpos.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.size(0) == geometry.batch && k.size(1) == geometry.heads &&
+                        k.size(3) == geometry.head_dim,
+                    "dat::deform_attn: k and v must be (B=", geometry.batch, ", heads=", geometry.heads,
+                    ", Nk, head_dim=", geometry.head_dim, "); got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(geometry.keys > 0, "dat::deform_attn: needs at least one key");
+  TORCH_CHECK_VALUE(
+      kpos.dim() == 4 && kpos.size(0) == geometry.batch && kpos.size(2) == geometry.keys && kpos.size(3) == 2,
+      "dat::deform_attn: kpos must be (B=", geometry.batch, ", groups, Nk=", geometry.keys, ", 2); got ", kpos.sizes());
   geometry.groups = kpos.size(1);
-  TORCH_CHECK(geometry.groups > 0 && geometry.heads % geometry.groups == 0, "dat::deform_attn: ", geometry.heads,
-              " heads cannot be split evenly into ", geometry.groups, " offset groups");
-  TORCH_CHECK(qpos.dim() == 2 && qpos.size(0) == geometry.queries && qpos.size(1) == 2,
-              "dat::deform_attn: qpos must be (Nq=", geometry.queries, ", 2); got ", qpos.sizes());
+  TORCH_CHECK_VALUE(geometry.groups > 0 && geometry.heads % geometry.groups == 0, "dat::deform_attn: ", geometry.heads,
+                    " heads cannot be split evenly into ", geometry.groups, " offset groups");
+  TORCH_CHECK_VALUE(qpos.dim() == 2 && qpos.size(0) == geometry.queries && qpos.size(1) == 2,
+                    "dat::deform_attn: qpos must be (Nq=", geometry.queries, ", 2); got ", qpos.sizes());
   check_same_dtype_and_device(q, k, "k");
   check_same_dtype_and_device(q, v, "v");
   check_same_dtype_and_device(q, kpos, "kpos");
   check_same_dtype_and_device(q, qpos, "qpos");
   if (rpe.has_value()) {
-    TORCH_CHECK(rpe->dim() == 3 && rpe->size(0) == geometry.heads && rpe->size(1) > 0 && rpe->size(2) > 0,
-                "dat::deform_attn: rpe must be (heads=", geometry.heads, ", Th, Tw) with a non-empty table; got ",
-                rpe->sizes());
-    TORCH_CHECK(rpe->size(1) * rpe->size(2) <= std::numeric_limits<int32_t>::max(),
-                "dat::deform_attn: relative-position table of ", rpe->size(1), " x ", rpe->size(2), " is too large");
+    TORCH_CHECK_VALUE(rpe->dim() == 3 && rpe->size(0) == geometry.heads && rpe->size(1) > 0 && rpe->size(2) > 0,
+                      "dat::deform_attn: rpe must be (heads=", geometry.heads, ", Th, Tw) with a non-empty table; got ",
+                      rpe->sizes());
+    TORCH_CHECK_VALUE(rpe->size(1) * rpe->size(2) <= std::numeric_limits<int32_t>::max(),
+                      "dat::deform_attn: relative-position table of ", rpe->size(1), " x ", rpe->size(2),
+                      " is too large");
     check_same_dtype_and_device(q, *rpe, "rpe");
     geometry.table_height = rpe->size(1);
     geometry.table_width = rpe->size(2);
@@ -64,29 +64,28 @@ Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at
   return geometry;
 }
 
-Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& kpos, const at::Tensor& qpos,
-                               const std::optional<at::Tensor>& rpe, const at::Tensor& out,
-                               const at::Tensor& logsumexp) {
-  const Geometry geometry = check_forward_inputs(q, k, v, kpos, qpos, rpe);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "dat::deform_attn_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
-              grad_out.sizes(), " and ", out.sizes());
+Problem check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& kpos, const at::Tensor& qpos, const std::optional<at::Tensor>& rpe,
+                              const at::Tensor& out, const at::Tensor& logsumexp) {
+  const Problem geometry = check_inputs(q, k, v, kpos, qpos, rpe);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "dat::deform_attn_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
+                    grad_out.sizes(), " and ", out.sizes());
   check_same_dtype_and_device(q, grad_out, "grad_out");
   check_same_dtype_and_device(q, out, "out");
   const at::ScalarType lse_dtype = logsumexp_dtype(q.scalar_type());
-  TORCH_CHECK(logsumexp.sizes() == q.sizes().slice(0, 3) && logsumexp.scalar_type() == lse_dtype &&
-                  logsumexp.device() == q.device(),
-              "dat::deform_attn_backward: logsumexp must be ", lse_dtype, " (B, heads, Nq) = ", q.sizes().slice(0, 3),
-              " on ", q.device(), "; got ", logsumexp.scalar_type(), " ", logsumexp.sizes(), " on ",
-              logsumexp.device());
+  TORCH_CHECK_VALUE(logsumexp.sizes() == q.sizes().slice(0, 3) && logsumexp.scalar_type() == lse_dtype &&
+                        logsumexp.device() == q.device(),
+                    "dat::deform_attn_backward: logsumexp must be ", lse_dtype,
+                    " (B, heads, Nq) = ", q.sizes().slice(0, 3), " on ", q.device(), "; got ", logsumexp.scalar_type(),
+                    " ", logsumexp.sizes(), " on ", logsumexp.device());
   return geometry;
 }
 
 }  // namespace deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_FRAGMENT(dat, m) {
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
   m.def(
       "deform_attn(Tensor q, Tensor k, Tensor v, Tensor kpos, Tensor qpos, Tensor? rpe, float scale) "
       "-> (Tensor out, Tensor logsumexp)");

@@ -8,7 +8,7 @@
 namespace dat {
 namespace deform_attn {
 
-struct Geometry {
+struct Problem {
   int64_t batch;
   int64_t heads;
   int64_t groups;
@@ -44,14 +44,13 @@ struct ContiguousInputs {
 
 // Checks ranks, shapes, dtypes and devices of the forward inputs (contiguity is not required: the
 // kernels call .contiguous()) and returns the problem geometry.
-Geometry check_forward_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
-                              const at::Tensor& qpos, const std::optional<at::Tensor>& rpe);
+Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
+                     const at::Tensor& qpos, const std::optional<at::Tensor>& rpe);
 
-// As check_forward_inputs, plus the saved forward results and the incoming gradient.
-Geometry check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& kpos, const at::Tensor& qpos,
-                               const std::optional<at::Tensor>& rpe, const at::Tensor& out,
-                               const at::Tensor& logsumexp);
+// As check_inputs, plus the saved forward results and the incoming gradient.
+Problem check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& kpos, const at::Tensor& qpos, const std::optional<at::Tensor>& rpe,
+                              const at::Tensor& out, const at::Tensor& logsumexp);
 
 }  // namespace deform_attn
 }  // namespace dat

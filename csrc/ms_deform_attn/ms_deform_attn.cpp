@@ -10,54 +10,58 @@
 #include "ms_deform_attn/ms_deform_attn.h"
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
+
+#include "common/library.h"
 
 namespace dat {
 namespace ms_deform_attn {
 
 namespace {
 
-ProblemSize check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                         const at::Tensor& attention_weights) {
-  TORCH_CHECK_VALUE(value.dim() == 4, "ms_deform_attn: value must be (N, S, heads, head_dim), got shape ",
+Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                     const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  TORCH_CHECK_VALUE(value.dim() == 4, "dat::ms_deform_attn: value must be (N, S, heads, head_dim), got shape ",
                     value.sizes());
   TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-                    "ms_deform_attn: spatial_shapes must be (levels, 2), got shape ", spatial_shapes.sizes());
+                    "dat::ms_deform_attn: spatial_shapes must be (levels, 2), got shape ", spatial_shapes.sizes());
   const int64_t levels = spatial_shapes.size(0);
-  TORCH_CHECK_VALUE(levels >= 1, "ms_deform_attn: needs at least one level");
+  TORCH_CHECK_VALUE(levels >= 1, "dat::ms_deform_attn: needs at least one level");
   TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
-                    "ms_deform_attn: level_start_index must be (levels=", levels, ",), got shape ",
+                    "dat::ms_deform_attn: level_start_index must be (levels=", levels, ",), got shape ",
                     level_start_index.sizes());
   TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-                   "ms_deform_attn: spatial_shapes and level_start_index must be int64, got ",
+                   "dat::ms_deform_attn: spatial_shapes and level_start_index must be int64, got ",
                    spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
-  const ProblemSize size{value.size(0), value.size(1), value.size(2), value.size(3),
-                         sampling_locations.dim() == 6 ? sampling_locations.size(1) : -1, levels,
-                         sampling_locations.dim() == 6 ? sampling_locations.size(4) : -1};
+  const Problem size{value.size(0),
+                     value.size(1),
+                     value.size(2),
+                     value.size(3),
+                     sampling_locations.dim() == 6 ? sampling_locations.size(1) : -1,
+                     levels,
+                     sampling_locations.dim() == 6 ? sampling_locations.size(4) : -1};
   TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(0) == size.batch &&
                         sampling_locations.size(2) == size.heads && sampling_locations.size(5) == 2,
-                    "ms_deform_attn: sampling_locations must be (N=", size.batch, ", queries, heads=", size.heads,
+                    "dat::ms_deform_attn: sampling_locations must be (N=", size.batch, ", queries, heads=", size.heads,
                     ", levels=", levels, ", points, 2), got shape ", sampling_locations.sizes());
-  TORCH_CHECK_VALUE(sampling_locations.size(3) == levels, "ms_deform_attn: sampling_locations has ",
+  TORCH_CHECK_VALUE(sampling_locations.size(3) == levels, "dat::ms_deform_attn: sampling_locations has ",
                     sampling_locations.size(3), " levels but spatial_shapes has ", levels);
   TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-                    "ms_deform_attn: attention_weights must be (N, queries, heads, levels, points) = ",
+                    "dat::ms_deform_attn: attention_weights must be (N, queries, heads, levels, points) = ",
                     sampling_locations.sizes().slice(0, 5), ", got shape ", attention_weights.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(value.scalar_type()), "ms_deform_attn: value must be floating point, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(value.scalar_type()), "dat::ms_deform_attn: value must be floating point, got ",
                    value.scalar_type());
-  TORCH_CHECK_TYPE(sampling_locations.scalar_type() == value.scalar_type() &&
-                       attention_weights.scalar_type() == value.scalar_type(),
-                   "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
-                   value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
+  TORCH_CHECK_TYPE(
+      sampling_locations.scalar_type() == value.scalar_type() && attention_weights.scalar_type() == value.scalar_type(),
+      "dat::ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
+      value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
   TORCH_CHECK_VALUE(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
-                    "ms_deform_attn: value, sampling_locations and attention_weights must be on one device, got ",
+                    "dat::ms_deform_attn: value, sampling_locations and attention_weights must be on one device, got ",
                     value.device(), ", ", sampling_locations.device(), ", ", attention_weights.device());
   return size;
 }
 
 LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                              const ProblemSize& size) {
+                              const Problem& size) {
   const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
   const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
   const int64_t* shape_data = shapes.data_ptr<int64_t>();
@@ -67,16 +71,16 @@ LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor
   for (int64_t level = 0; level < size.levels; ++level) {
     const int64_t height = shape_data[2 * level];
     const int64_t width = shape_data[2 * level + 1];
-    TORCH_CHECK_VALUE(height >= 1 && width >= 1, "ms_deform_attn: level ", level, " has spatial shape (", height, ", ",
-                      width, "); both sides must be positive");
-    TORCH_CHECK_VALUE(start_data[level] == running_start, "ms_deform_attn: level_start_index[", level, "] is ",
+    TORCH_CHECK_VALUE(height >= 1 && width >= 1, "dat::ms_deform_attn: level ", level, " has spatial shape (", height,
+                      ", ", width, "); both sides must be positive");
+    TORCH_CHECK_VALUE(start_data[level] == running_start, "dat::ms_deform_attn: level_start_index[", level, "] is ",
                       start_data[level], " but the levels before it hold ", running_start, " pixels");
     layout.height.push_back(height);
     layout.width.push_back(width);
     layout.start.push_back(running_start);
     running_start += height * width;
   }
-  TORCH_CHECK_VALUE(running_start == size.value_len, "ms_deform_attn: spatial_shapes describe ", running_start,
+  TORCH_CHECK_VALUE(running_start == size.value_len, "dat::ms_deform_attn: spatial_shapes describe ", running_start,
                     " pixels but value holds S=", size.value_len);
   return layout;
 }
@@ -85,26 +89,25 @@ LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor
 
 Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const ProblemSize size =
-      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Problem size = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   return {size, read_level_layout(spatial_shapes, level_start_index, size), value.contiguous(),
           sampling_locations.contiguous(), attention_weights.contiguous()};
 }
 
-void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const ProblemSize& size) {
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& size) {
   TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == size.batch &&
                         grad_output.size(1) == size.queries && grad_output.size(2) == size.heads * size.channels,
-                    "ms_deform_attn_backward: grad_output must be (N=", size.batch, ", queries=", size.queries,
+                    "dat::ms_deform_attn_backward: grad_output must be (N=", size.batch, ", queries=", size.queries,
                     ", heads * head_dim=", size.heads * size.channels, "), got shape ", grad_output.sizes());
   TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
-                   "ms_deform_attn_backward: grad_output must match value's dtype and device, got ",
+                   "dat::ms_deform_attn_backward: grad_output must match value's dtype and device, got ",
                    grad_output.scalar_type(), " on ", grad_output.device());
 }
 
 }  // namespace ms_deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_FRAGMENT(dat, m) {
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
   m.def(
       "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
       "Tensor attention_weights) -> Tensor");

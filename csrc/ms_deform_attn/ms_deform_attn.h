@@ -9,7 +9,7 @@
 namespace dat {
 namespace ms_deform_attn {
 
-struct ProblemSize {
+struct Problem {
   int64_t batch;     // N
   int64_t value_len; // S, all levels flattened
   int64_t heads;     // M
@@ -28,7 +28,7 @@ struct LevelLayout {
 
 // The forward inputs, checked, with the level geometry on the host and the float tensors contiguous.
 struct Inputs {
-  ProblemSize size;
+  Problem problem;
   LevelLayout layout;
   at::Tensor value;
   at::Tensor sampling_locations;
@@ -42,7 +42,7 @@ Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
 
 // Checks grad_output against the problem size (dtype, device and shape (N, Lq, M * D)).
-void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const ProblemSize& size);
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& size);
 
 }  // namespace ms_deform_attn
 }  // namespace dat

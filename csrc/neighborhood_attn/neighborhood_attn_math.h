@@ -17,8 +17,10 @@ namespace dat {
 namespace neighborhood_attn {
 
 // Sizes of one call; tensors are contiguous (B, heads, H, W, dim), attention (B, heads, H, W, k*k).
-struct Geometry {
-  int64_t heads, height, width, dim, kernel_size, dilation;
+struct Problem {
+  int64_t batch, heads, height, width, dim, kernel_size, dilation;
+  // (batch, head, row, column) positions; not numel / dim, which divides by zero when dim is 0.
+  C10_HOST_DEVICE int64_t queries() const { return batch * heads * height * width; }
   C10_HOST_DEVICE int64_t window() const { return kernel_size * kernel_size; }
   C10_HOST_DEVICE int64_t table_side() const { return 2 * kernel_size - 1; }
 };

@@ -1,6 +1,7 @@
 """Loading of the optional native extension and the choice between fused and reference kernels."""
 import os
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -57,3 +58,51 @@ def unsupported_dtype(dtype: torch.dtype, device_type: str, fused_dtypes: Dict[s
     if dtype in supported:
         return None
     return f'no {device_type} kernel for {dtype} (supported: {", ".join(map(str, supported)) or "none"})'
+
+
+@dataclass(frozen=True)
+class FusedOpBinding:
+    """What autograd and torch.compile need to know of one native op `<namespace>::<name>`, whose gradients
+    come from its companion op `<namespace>::<name>_backward`.
+
+    `backward(ctx, backward_op, *grad_outputs)` returns the input gradients, calling `backward_op` (the
+    companion op of the same namespace) for them.
+    """
+    name: str
+    fake_forward: Callable
+    fake_backward: Callable
+    setup_context: Callable
+    backward: Callable
+
+
+_BINDINGS: List[FusedOpBinding] = []
+
+
+def _register_binding(binding: FusedOpBinding, namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
+    qualified_name = f'{namespace}::{binding.name}'
+    torch.library.register_fake(qualified_name)(binding.fake_forward)
+    torch.library.register_fake(f'{qualified_name}_backward')(binding.fake_backward)
+    backward_op = getattr(ops, f'{binding.name}_backward')
+
+    def backward(ctx, *grad_outputs):
+        return binding.backward(ctx, backward_op, *grad_outputs)
+
+    torch.library.register_autograd(qualified_name, backward, setup_context=binding.setup_context)
+
+
+def bind_fused_op(binding: FusedOpBinding) -> FusedOpBinding:
+    """Registers fake kernels and autograd for `dat::<name>` when the extension defines it, and keeps the
+    binding for other namespaces built from the same sources (`register_fused_ops`)."""
+    _BINDINGS.append(binding)
+    if NATIVE_IMPORT_ERROR is None and hasattr(torch.ops.dat, binding.name):
+        _register_binding(binding, 'dat')
+    return binding
+
+
+def register_fused_ops(namespace: str) -> None:
+    """Gives every op that a library loaded under `namespace` defines the fake kernels and autograd of its
+    `dat::` twin (the emulated CUDA test tier builds the kernels into `dat_emulated::`)."""
+    for binding in _BINDINGS:
+        if hasattr(getattr(torch.ops, namespace), binding.name):
+            _register_binding(binding, namespace)

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._extension import NATIVE_IMPORT_ERROR, resolve_impl, unsupported_dtype
+from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
+OP = 'dat::deform_attn'
+# Table cells are indexed with int32 in the kernels.
+MAX_TABLE_ELEMENTS = 2 ** 31 - 1
 # Elements of one (queries x keys) score block in the reference; bounds its peak memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 22
 
@@ -28,27 +31,36 @@ FUSED_DTYPES = {
 
 
 def check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f'q, k, v must be (B, heads, N, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, '
-                         f'{tuple(v.shape)}')
+    """The checks of the C++ op (csrc/deform_attn/deform_attn.cpp), in its order, with its messages and exception
+    types (ValueError for shapes and devices, TypeError for dtypes); torch._check_* so that fake tensors and
+    symbolic shapes go through them under torch.compile."""
+    def check(condition, message, kind=torch._check_value):
+        kind(condition, lambda: f'{OP}: {message()}')
+
+    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+          lambda: f'q, k, v must be (B, heads, N, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    check(q.is_floating_point(), lambda: f'needs floating-point tensors, got {q.dtype}', torch._check_type)
     B, M, Nq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != M or k.shape[3] != D:
-        raise ValueError(f'k and v must be (B={B}, heads={M}, Nk, head_dim={D}); got {tuple(k.shape)}, '
-                         f'{tuple(v.shape)}')
-    if kpos.dim() != 4 or kpos.shape[0] != B or kpos.shape[2] != k.shape[2] or kpos.shape[3] != 2:
-        raise ValueError(f'kpos must be (B={B}, groups, Nk={k.shape[2]}, 2); got {tuple(kpos.shape)}')
-    if M % kpos.shape[1] != 0:
-        raise ValueError(f'{M} heads cannot be split evenly into {kpos.shape[1]} offset groups')
-    if qpos.shape != (Nq, 2):
-        raise ValueError(f'qpos must be (Nq={Nq}, 2); got {tuple(qpos.shape)}')
-    if rpe is not None and (rpe.dim() != 3 or rpe.shape[0] != M):
-        raise ValueError(f'rpe must be (heads={M}, Th, Tw); got {tuple(rpe.shape)}')
-    if not q.is_floating_point():
-        raise TypeError(f'deformable attention needs floating-point tensors, got {q.dtype}')
-    tensors = [k, v, kpos, qpos] + ([rpe] if rpe is not None else [])
-    if any(t.dtype != q.dtype for t in tensors) or any(t.device != q.device for t in tensors):
-        raise TypeError('q, k, v, kpos, qpos and rpe must share one dtype and device; got '
-                        + ', '.join(f'{t.dtype}@{t.device}' for t in [q] + tensors))
+    Nk = k.shape[2]
+    check(k.shape == v.shape and k.shape[0] == B and k.shape[1] == M and k.shape[3] == D,
+          lambda: f'k and v must be (B={B}, heads={M}, Nk, head_dim={D}); got {tuple(k.shape)} and {tuple(v.shape)}')
+    check(Nk > 0, lambda: 'needs at least one key')
+    check(kpos.dim() == 4 and kpos.shape[0] == B and kpos.shape[2] == Nk and kpos.shape[3] == 2,
+          lambda: f'kpos must be (B={B}, groups, Nk={Nk}, 2); got {tuple(kpos.shape)}')
+    G = kpos.shape[1]
+    check(G > 0 and M % G == 0, lambda: f'{M} heads cannot be split evenly into {G} offset groups')
+    check(qpos.dim() == 2 and qpos.shape[0] == Nq and qpos.shape[1] == 2,
+          lambda: f'qpos must be (Nq={Nq}, 2); got {tuple(qpos.shape)}')
+    named = dict(k=k, v=v, kpos=kpos, qpos=qpos, **({'rpe': rpe} if rpe is not None else {}))
+    for name, tensor in named.items():
+        if name == 'rpe':
+            check(rpe.dim() == 3 and rpe.shape[0] == M and rpe.shape[1] > 0 and rpe.shape[2] > 0,
+                  lambda: f'rpe must be (heads={M}, Th, Tw) with a non-empty table; got {tuple(rpe.shape)}')
+            check(rpe.shape[1] * rpe.shape[2] <= MAX_TABLE_ELEMENTS,
+                  lambda: f'relative-position table of {rpe.shape[1]} x {rpe.shape[2]} is too large')
+        check(tensor.dtype == q.dtype, lambda: f'{name} has dtype {tensor.dtype} but q has {q.dtype}',
+              torch._check_type)
+        check(tensor.device == q.device, lambda: f'{name} is on {tensor.device} but q is on {q.device}')
 
 
 def relative_position_bias(rpe: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
@@ -100,10 +112,10 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
     `impl` is 'auto' (default: fused when built for the device and dtype), 'fused' or 'reference';
     when None, the `DAT_ATTN_IMPL` environment variable decides.
     """
-    check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_impl(impl, 'deform_attn', q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
         return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
+    check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
 
 
@@ -112,37 +124,31 @@ def _logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_fused_op() -> None:
-    """Fake kernels (for torch.compile / meta tensors) and autograd for the native op, when it is built."""
-
-    @torch.library.register_fake('dat::deform_attn')
-    def _deform_attn_fake(q, k, v, kpos, qpos, rpe, scale):
-        check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-        out = q.new_empty(q.shape)
-        return out, q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
-
-    @torch.library.register_fake('dat::deform_attn_backward')
-    def _deform_attn_backward_fake(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):
-        check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-        grad_rpe = rpe.new_empty(rpe.shape) if rpe is not None else q.new_empty((0,))
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), kpos.new_empty(kpos.shape), grad_rpe
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, kpos, qpos, rpe, scale = inputs
-        out, logsumexp = output
-        ctx.save_for_backward(q, k, v, kpos, qpos, rpe, out, logsumexp)
-        ctx.scale = scale
-        # logsumexp is saved for the backward; it is not a differentiable result.
-        ctx.mark_non_differentiable(logsumexp)
-
-    def backward(ctx, grad_out, _grad_logsumexp):
-        q, k, v, kpos, qpos, rpe, out, logsumexp = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_kpos, grad_rpe = torch.ops.dat.deform_attn_backward(
-            grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, ctx.scale)
-        return grad_q, grad_k, grad_v, grad_kpos, None, grad_rpe if rpe is not None else None, None
-
-    torch.library.register_autograd('dat::deform_attn', backward, setup_context=setup_context)
+def _fake_forward(q, k, v, kpos, qpos, rpe, scale):
+    check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
 
 
-if NATIVE_IMPORT_ERROR is None and hasattr(torch.ops.dat, 'deform_attn'):
-    _register_fused_op()
+def _fake_backward(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):
+    check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
+    grad_rpe = rpe.new_empty(rpe.shape) if rpe is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), kpos.new_empty(kpos.shape), grad_rpe
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kpos, qpos, rpe, scale = inputs
+    out, logsumexp = output
+    ctx.save_for_backward(q, k, v, kpos, qpos, rpe, out, logsumexp)
+    ctx.scale = scale
+    # logsumexp is saved for the backward; it is not a differentiable result.
+    ctx.mark_non_differentiable(logsumexp)
+
+
+def _backward(ctx, backward_op, grad_out, _grad_logsumexp):
+    q, k, v, kpos, qpos, rpe, out, logsumexp = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_kpos, grad_rpe = backward_op(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp,
+                                                              ctx.scale)
+    return grad_q, grad_k, grad_v, grad_kpos, None, grad_rpe if rpe is not None else None, None
+
+
+bind_fused_op(FusedOpBinding('deform_attn', _fake_forward, _fake_backward, _setup_context, _backward))

@@ -14,65 +14,68 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._extension import resolve_impl, unsupported_dtype
+from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
 OP_NAME = 'ms_deform_attn'
+OP = f'dat::{OP_NAME}'
 FUSED_DTYPES = {
     'cpu': (torch.float32, torch.float64),
     'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 
 
+def _check(condition, message, kind=torch._check_value) -> None:
+    kind(condition, lambda: f'{OP}: {message()}')
+
+
 def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                 attention_weights) -> None:
-    """Rank, size, dtype and device checks that need no tensor data (so they also run under torch.compile)."""
-    if value.dim() != 4:
-        raise ValueError(f'value must be (N, S, heads, head_dim), got shape {tuple(value.shape)}')
-    N, _, M, _ = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f'spatial_shapes must be (levels, 2) rows of (H, W), got shape {tuple(spatial_shapes.shape)}')
+    """The checks of the C++ op (csrc/ms_deform_attn/ms_deform_attn.cpp) that need no tensor data, in its order,
+    with its messages and exception types; torch._check_* so that they also run under torch.compile."""
+    _check(value.dim() == 4, lambda: f'value must be (N, S, heads, head_dim), got shape {tuple(value.shape)}')
+    _check(spatial_shapes.dim() == 2 and spatial_shapes.shape[1] == 2,
+           lambda: f'spatial_shapes must be (levels, 2), got shape {tuple(spatial_shapes.shape)}')
     L = spatial_shapes.shape[0]
-    if L < 1:
-        raise ValueError('spatial_shapes must describe at least one level')
-    if level_start_index.shape != (L,):
-        raise ValueError(f'level_start_index must be (levels={L},), got shape {tuple(level_start_index.shape)}')
-    if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
-        raise TypeError(f'spatial_shapes and level_start_index must be int64, got {spatial_shapes.dtype} and '
-                        f'{level_start_index.dtype}')
-    if (sampling_locations.dim() != 6 or sampling_locations.shape[0] != N or sampling_locations.shape[2] != M
-            or sampling_locations.shape[5] != 2):
-        raise ValueError(f'sampling_locations must be (N={N}, queries, heads={M}, levels, points, 2), got shape '
-                         f'{tuple(sampling_locations.shape)}')
-    if sampling_locations.shape[3] != L:
-        raise ValueError(f'sampling_locations has {sampling_locations.shape[3]} levels but spatial_shapes has {L}')
-    if attention_weights.shape != sampling_locations.shape[:5]:
-        raise ValueError(f'attention_weights must be (N, queries, heads, levels, points) = '
-                         f'{tuple(sampling_locations.shape[:5])}, got shape {tuple(attention_weights.shape)}')
-    if not value.is_floating_point():
-        raise TypeError(f'value must be floating point, got {value.dtype}')
-    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
-        raise TypeError(f'value, sampling_locations and attention_weights must share one dtype, got {value.dtype}, '
-                        f'{sampling_locations.dtype}, {attention_weights.dtype}')
-    if sampling_locations.device != value.device or attention_weights.device != value.device:
-        raise ValueError(f'value, sampling_locations and attention_weights must be on one device, got '
-                         f'{value.device}, {sampling_locations.device}, {attention_weights.device}')
+    _check(L >= 1, lambda: 'needs at least one level')
+    _check(level_start_index.dim() == 1 and level_start_index.shape[0] == L,
+           lambda: f'level_start_index must be (levels={L},), got shape {tuple(level_start_index.shape)}')
+    _check(spatial_shapes.dtype == torch.int64 and level_start_index.dtype == torch.int64,
+           lambda: f'spatial_shapes and level_start_index must be int64, got {spatial_shapes.dtype} and '
+                   f'{level_start_index.dtype}', torch._check_type)
+    N, _, M, _ = value.shape
+    _check(sampling_locations.dim() == 6 and sampling_locations.shape[0] == N and sampling_locations.shape[2] == M
+           and sampling_locations.shape[5] == 2,
+           lambda: f'sampling_locations must be (N={N}, queries, heads={M}, levels={L}, points, 2), got shape '
+                   f'{tuple(sampling_locations.shape)}')
+    _check(sampling_locations.shape[3] == L,
+           lambda: f'sampling_locations has {sampling_locations.shape[3]} levels but spatial_shapes has {L}')
+    _check(attention_weights.shape == sampling_locations.shape[:5],
+           lambda: f'attention_weights must be (N, queries, heads, levels, points) = '
+                   f'{tuple(sampling_locations.shape[:5])}, got shape {tuple(attention_weights.shape)}')
+    _check(value.is_floating_point(), lambda: f'value must be floating point, got {value.dtype}', torch._check_type)
+    _check(sampling_locations.dtype == value.dtype and attention_weights.dtype == value.dtype,
+           lambda: f'value, sampling_locations and attention_weights must share one dtype, got {value.dtype}, '
+                   f'{sampling_locations.dtype}, {attention_weights.dtype}', torch._check_type)
+    _check(sampling_locations.device == value.device and attention_weights.device == value.device,
+           lambda: f'value, sampling_locations and attention_weights must be on one device, got {value.device}, '
+                   f'{sampling_locations.device}, {attention_weights.device}')
 
 
 def level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                  value_len: int) -> List[Tuple[int, int, int]]:
-    """(H, W, start) of every level, checked to tile the S = `value_len` rows of value exactly."""
+    """(H, W, start) of every level, checked to tile the S = `value_len` rows of value exactly (the op's data
+    checks, read on the host)."""
     layout = []
     running_start = 0
     for level, ((height, width), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
-        if height < 1 or width < 1:
-            raise ValueError(f'level {level} has spatial shape ({height}, {width}); both sides must be positive')
-        if start != running_start:
-            raise ValueError(f'level_start_index[{level}] is {start} but the levels before it hold '
-                             f'{running_start} pixels')
+        _check(height >= 1 and width >= 1,
+               lambda: f'level {level} has spatial shape ({height}, {width}); both sides must be positive')
+        _check(start == running_start,
+               lambda: f'level_start_index[{level}] is {start} but the levels before it hold {running_start} pixels')
         layout.append((height, width, start))
         running_start += height * width
-    if running_start != value_len:
-        raise ValueError(f'spatial_shapes describe {running_start} pixels but value holds S={value_len}')
+    _check(running_start == value_len,
+           lambda: f'spatial_shapes describe {running_start} pixels but value holds S={value_len}')
     return layout
 
 
@@ -103,39 +106,35 @@ def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, s
     on the host: keeping them on the CPU saves a device-to-host copy per call on a GPU. The CUDA
     kernel takes at most 16 levels.
     """
-    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if resolve_impl(impl, OP_NAME, value.device.type,
                     unsupported_dtype(value.dtype, value.device.type, FUSED_DTYPES)) == 'fused':
         return torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                             attention_weights)
+    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights)
 
 
-def _register_op_extras() -> None:
-    """Fake kernels (shape propagation for torch.compile) and autograd for the native op."""
-
-    @torch.library.register_fake('dat::ms_deform_attn')
-    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        N, _, M, D = value.shape
-        return value.new_empty((N, sampling_locations.shape[1], M * D))
-
-    @torch.library.register_fake('dat::ms_deform_attn_backward')
-    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
-                attention_weights.new_empty(attention_weights.shape))
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = torch.ops.dat.ms_deform_attn_backward(
-            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return grad_value, None, None, grad_locations, grad_weights
-
-    torch.library.register_autograd('dat::ms_deform_attn', backward, setup_context=setup_context)
+def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    N, _, M, D = value.shape
+    return value.new_empty((N, sampling_locations.shape[1], M * D))
 
 
-if hasattr(torch.ops.dat, OP_NAME):
-    _register_op_extras()
+def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, backward_op, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = backward_op(grad_output, value, spatial_shapes, level_start_index,
+                                                           sampling_locations, attention_weights)
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+bind_fused_op(FusedOpBinding(OP_NAME, _fake_forward, _fake_backward, _setup_context, _backward))

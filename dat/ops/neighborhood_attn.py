@@ -23,9 +23,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._extension import NATIVE_IMPORT_ERROR, resolve_impl, unsupported_dtype
+from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
 OP_NAME = 'neighborhood_attn'
+OP = f'dat::{OP_NAME}'
 FUSED_DTYPES = {
     'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -35,27 +36,31 @@ REFERENCE_BLOCK_ELEMENTS = 1 << 23
 
 
 def check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size: int, dilation: int) -> None:
-    if not isinstance(kernel_size, int) or kernel_size <= 1 or kernel_size % 2 == 0:
-        raise ValueError(f'kernel_size must be an odd int > 1, got {kernel_size!r}')
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f'dilation must be an int >= 1, got {dilation!r}')
-    if q.dim() != 5:
-        raise ValueError(f'q must be (B, heads, H, W, head_dim); got {tuple(q.shape)}')
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f'q, k, v must share one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    """The checks of the C++ op (csrc/neighborhood_attn/neighborhood_attn.h), in its order, with its messages and
+    exception types (ValueError for shapes, sizes and devices, TypeError for dtypes); torch._check_* so that fake
+    tensors and symbolic shapes go through them under torch.compile."""
+    def check(condition, message, kind=torch._check_value):
+        kind(condition, lambda: f'{OP}: {message()}')
+
+    check(isinstance(kernel_size, int) and kernel_size > 1 and kernel_size % 2 == 1,
+          lambda: f'kernel_size must be odd and > 1, got {kernel_size!r}')
+    check(isinstance(dilation, int) and dilation >= 1, lambda: f'dilation must be >= 1, got {dilation!r}')
+    check(q.dim() == 5, lambda: f'q must be (B, heads, H, W, head_dim); got {tuple(q.shape)}')
+    check(k.shape == q.shape and v.shape == q.shape,
+          lambda: f'q, k, v must share one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
     _, heads, height, width, _ = q.shape
+    check(height >= kernel_size * dilation and width >= kernel_size * dilation,
+          lambda: f'the map ({height} x {width}) must be at least kernel_size * dilation = {kernel_size * dilation} '
+                  'on each side; pad it first')
+    check(q.is_floating_point(), lambda: f'needs floating-point tensors, got {q.dtype}', torch._check_type)
     side = 2 * kernel_size - 1
-    if rpb.shape != (heads, side, side):
-        raise ValueError(f'rpb must be (heads, 2k-1, 2k-1) = ({heads}, {side}, {side}); got {tuple(rpb.shape)}')
-    if height < kernel_size * dilation or width < kernel_size * dilation:
-        raise ValueError(f'the map ({height} x {width}) must be at least kernel_size * dilation = '
-                         f'{kernel_size * dilation} on each side; pad it first')
-    if not q.is_floating_point():
-        raise TypeError(f'neighborhood attention needs floating-point tensors, got {q.dtype}')
-    others = [k, v, rpb]
-    if any(t.dtype != q.dtype for t in others) or any(t.device != q.device for t in others):
-        raise TypeError('q, k, v and rpb must share one dtype and device; got '
-                        + ', '.join(f'{t.dtype}@{t.device}' for t in [q] + others))
+    for name, tensor in (('k', k), ('v', v), ('rpb', rpb)):
+        if name == 'rpb':
+            check(rpb.shape == (heads, side, side),
+                  lambda: f'rpb must be (heads, 2k-1, 2k-1) = ({heads}, {side}, {side}); got {tuple(rpb.shape)}')
+        check(tensor.dtype == q.dtype, lambda: f'{name} has dtype {tensor.dtype} but q has {q.dtype}',
+              torch._check_type)
+        check(tensor.device == q.device, lambda: f'{name} is on {tensor.device} but q is on {q.device}')
 
 
 def _axis_windows(length: int, kernel_size: int, dilation: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +114,6 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
 def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
                            impl: Optional[str] = None) -> torch.Tensor:
     """Dispatch to the fused `dat::neighborhood_attn` op or the pure-PyTorch reference (see module docstring)."""
-    check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_impl(impl, OP_NAME, q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
         out, _ = torch.ops.dat.neighborhood_attn(q.contiguous(), k.contiguous(), v.contiguous(), rpb.contiguous(),
@@ -122,33 +126,30 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _register_native_op() -> None:
-    @torch.library.register_fake('dat::neighborhood_attn')
-    def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
-        attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
-        return torch.empty_like(q, memory_format=torch.contiguous_format), attn
-
-    @torch.library.register_fake('dat::neighborhood_attn_backward')
-    def _fake_backward(grad_out, q, k, v, attn, kernel_size, dilation, scale):
-        side = 2 * kernel_size - 1
-        grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
-        return (*grads, q.new_empty((q.shape[1], side, side)))
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, _, kernel_size, dilation, scale = inputs
-        _, attn = output
-        ctx.save_for_backward(q, k, v, attn)
-        ctx.geometry = (kernel_size, dilation, scale)
-        ctx.mark_non_differentiable(attn)
-
-    def backward(ctx, grad_out, _grad_attn):
-        q, k, v, attn = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_rpb = torch.ops.dat.neighborhood_attn_backward(
-            grad_out.contiguous(), q, k, v, attn, *ctx.geometry)
-        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
-
-    torch.library.register_autograd('dat::neighborhood_attn', backward, setup_context=setup_context)
+def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
+    check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), attn
 
 
-if NATIVE_IMPORT_ERROR is None and hasattr(torch.ops.dat, OP_NAME):
-    _register_native_op()
+def _fake_backward(grad_out, q, k, v, attn, kernel_size, dilation, scale):
+    side = 2 * kernel_size - 1
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
+    return (*grads, q.new_empty((q.shape[1], side, side)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _, kernel_size, dilation, scale = inputs
+    _, attn = output
+    ctx.save_for_backward(q, k, v, attn)
+    ctx.geometry = (kernel_size, dilation, scale)
+    ctx.mark_non_differentiable(attn)
+
+
+def _backward(ctx, backward_op, grad_out, _grad_attn):
+    q, k, v, attn = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_rpb = backward_op(grad_out.contiguous(), q, k, v, attn, *ctx.geometry)
+    return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+
+
+bind_fused_op(FusedOpBinding(OP_NAME, _fake_forward, _fake_backward, _setup_context, _backward))

@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <bit>
@@ -16,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "common/library.h"
 #include "deform_attn/deform_attn.h"
 #include "deform_attn/deform_attn_math.h"
 
@@ -69,10 +70,10 @@ struct CellGrid {
 };
 
 // Pair cells hold int32 coefficient offsets.
-void check_cell_offsets_fit(const Geometry& geometry) {
-  TORCH_CHECK(CellGrid(geometry.table_height, geometry.table_width).size() <= std::numeric_limits<int32_t>::max(),
-              "dat::deform_attn on CPU: relative-position table of ", geometry.table_height, " x ", geometry.table_width,
-              " is too large");
+void check_cell_offsets_fit(const Problem& geometry) {
+  TORCH_CHECK_VALUE(CellGrid(geometry.table_height, geometry.table_width).size() <= std::numeric_limits<int32_t>::max(),
+                    "dat::deform_attn: the CPU kernel cannot index a relative-position table of ",
+                    geometry.table_height, " x ", geometry.table_width, " (too large)");
 }
 
 // rpe (M, Th, Tw) -> coefficients (M, Th + 2, Tw + 2, 4), see CellGrid.
@@ -138,12 +139,12 @@ struct Operands {
   const scalar_t* qpos;
   const scalar_t* cell_coefficients;  // (M, cells), see CellGrid; nullptr when there is no bias
   scalar_t scale;
-  Geometry geometry;
+  Problem geometry;
   Tiling key_tiling;  // before query_tiling, which depends on it
   Tiling query_tiling;
   CellGrid cells;
 
-  Operands(const ContiguousInputs& inputs, const at::Tensor& coefficients, double scale_in, const Geometry& geometry_in)
+  Operands(const ContiguousInputs& inputs, const at::Tensor& coefficients, double scale_in, const Problem& geometry_in)
       : q(inputs.q.data_ptr<scalar_t>()), k(inputs.k.data_ptr<scalar_t>()), v(inputs.v.data_ptr<scalar_t>()),
         kpos(inputs.kpos.data_ptr<scalar_t>()), qpos(inputs.qpos.data_ptr<scalar_t>()),
         cell_coefficients(coefficients.defined() ? coefficients.data_ptr<scalar_t>() : nullptr),
@@ -218,59 +219,21 @@ struct Workspace {
         running_sum(running_max.size()), deltas(running_max.size()), grad_key_frac(2 * ops.key_tiling.size) {}
 };
 
-// The kernels, compiled for the baseline instruction set and, on x86-64 with GCC, for AVX2 + FMA
-// (the products are BLAS calls either way; this is for the bias, softmax and exp loops).
-namespace baseline {
-#include "deform_attn/cpu/deform_attn_cpu_kernels.h"
-}  // namespace baseline
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DAT_DEFORM_ATTN_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "deform_attn/cpu/deform_attn_cpu_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-
-bool cpu_has_avx2() {
-#ifdef DAT_DEFORM_ATTN_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
-
-template <typename scalar_t>
-void run_forward_items(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out,
-                       scalar_t* logsumexp) {
-#ifdef DAT_DEFORM_ATTN_AVX2
-  if (cpu_has_avx2()) return avx2::forward_items(ops, begin, end, out, logsumexp);
-#endif
-  baseline::forward_items(ops, begin, end, out, logsumexp);
-}
-
-template <typename scalar_t>
-void run_backward_items(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, int64_t begin,
-                        int64_t end, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
-#ifdef DAT_DEFORM_ATTN_AVX2
-  if (cpu_has_avx2()) return avx2::backward_items(ops, saved, begin, end, sinks, grad_q);
-#endif
-  baseline::backward_items(ops, saved, begin, end, sinks, grad_q);
-}
+// The kernels, for the baseline instruction set and AVX2 + FMA (common/cpu_isa.h); the products are BLAS
+// calls either way, the clones are for the bias, softmax and exp loops.
+#define DAT_CPU_KERNELS "deform_attn/cpu/deform_attn_cpu_kernels.h"
+#include "common/cpu_kernels_for_each_isa.h"
 
 void check_cpu_dtype(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "dat::deform_attn on CPU supports float32 and float64, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                   "dat::deform_attn: the CPU kernel supports float32 and float64, got ", q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                            const at::Tensor& v_in, const at::Tensor& kpos_in,
                                                            const at::Tensor& qpos_in,
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
-  const Geometry geometry = check_forward_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   check_cpu_dtype(q_in);
   check_cell_offsets_fit(geometry);
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
@@ -286,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
     scalar_t* out_data = out.data_ptr<scalar_t>();
     scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
     at::parallel_for(0, ops.work_item_count(), 1, [&](int64_t begin, int64_t end) {
-      run_forward_items(ops, begin, end, out_data, logsumexp_data);
+      DAT_CPU_ISA_CALL(forward_items, ops, begin, end, out_data, logsumexp_data);
     });
   });
   return {out, logsumexp};
@@ -296,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kpos_in, const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in,
     const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
-  const Geometry geometry =
+  const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   check_cpu_dtype(q_in);
   check_cell_offsets_fit(geometry);
@@ -329,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
         const GradientSinks<scalar_t> sinks{grad_k[worker].data_ptr<scalar_t>(), grad_v[worker].data_ptr<scalar_t>(),
                                             grad_kpos[worker].data_ptr<scalar_t>(),
                                             grad_coefficients[worker].data_ptr<scalar_t>()};
-        run_backward_items(ops, saved, items * worker / workers, items * (worker + 1) / workers, sinks, grad_q_data);
+        DAT_CPU_ISA_CALL(backward_items, ops, saved, items * worker / workers, items * (worker + 1) / workers, sinks,
+                         grad_q_data);
       }
     });
   });
@@ -345,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 }  // namespace deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_IMPL(dat, CPU, m) {
+TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, CPU, m) {
   m.impl("deform_attn", &dat::deform_attn::deform_attn_forward_cpu);
   m.impl("deform_attn_backward", &dat::deform_attn::deform_attn_backward_cpu);
 }

@@ -1,7 +1,5 @@
-// The hot loops of the dat::deform_attn CPU kernels. deform_attn_cpu.cpp includes this file once per
-// instruction set (inside a namespace, under `#pragma GCC target`) and picks one at run time, so the
-// auto-vectorised loops use AVX2/FMA where the CPU has them while the extension stays portable.
-// Hence: no include guard and no #include here; everything it uses is declared before the inclusion.
+// The hot loops of the dat::deform_attn CPU kernels, compiled once per instruction set
+// (common/cpu_isa.h): no include guard and no #include here; everything it uses is declared before it.
 
 // exp(x) for x <= ~0 (logit minus running max or logsumexp), written so that loops over it vectorise
 // (libm's expf is one call per element): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
@@ -30,7 +28,7 @@ inline double exp_vectorisable(double x) { return exp_of(x); }
 template <typename scalar_t>
 void locate_pairs(const Operands<scalar_t>& ops, const Tile& queries, const Tile& keys, const scalar_t* key_pos,
                   PairCells<scalar_t>& pairs) {
-  const Geometry& geometry = ops.geometry;
+  const Problem& geometry = ops.geometry;
   const int64_t height = geometry.table_height, width = geometry.table_width;
   const scalar_t row_limit = scalar_t(height), col_limit = scalar_t(width);
   const int32_t cell_columns = static_cast<int32_t>(ops.cells.columns);
@@ -43,7 +41,8 @@ void locate_pairs(const Operands<scalar_t>& ops, const Tile& queries, const Tile
     scalar_t* __restrict__ frac_col = pairs.frac_col.data() + i * keys.count;
 #pragma omp simd
     for (int64_t j = 0; j < keys.count; ++j) {
-      // The arithmetic of bias_taps (deform_attn_math.h), which the CUDA kernel uses.
+      // The cell rule of the CUDA kernel's bias_taps (deform_attn_cuda.cu), in the shared math of
+      // deform_attn_math.h: pixel = (displacement + 1) * (size - 1) / 2, in reach for -1 <= pixel < size.
       const scalar_t pixel_row = ((query_row - key_pos[2 * j]) * half + scalar_t(1)) * row_scale;
       const scalar_t pixel_col = ((query_col - key_pos[2 * j + 1]) * half + scalar_t(1)) * col_scale;
       const bool inside = cell_in_reach(pixel_row, row_limit) & cell_in_reach(pixel_col, col_limit);
@@ -139,7 +138,7 @@ void tile_logits(const Operands<scalar_t>& ops, const WorkItem& item, int64_t he
 template <typename scalar_t>
 void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace<scalar_t>& workspace,
                   scalar_t* out, scalar_t* logsumexp) {
-  const Geometry& geometry = ops.geometry;
+  const Problem& geometry = ops.geometry;
   const int64_t head_dim = geometry.head_dim;
   const int64_t heads_per_group = geometry.heads_per_group();
   const int64_t query_count = item.queries.count;
@@ -185,7 +184,7 @@ void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace
 template <typename scalar_t>
 void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, const WorkItem& item,
                    Workspace<scalar_t>& workspace, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
-  const Geometry& geometry = ops.geometry;
+  const Problem& geometry = ops.geometry;
   const int64_t head_dim = geometry.head_dim;
   const int64_t heads_per_group = geometry.heads_per_group();
   const int64_t query_count = item.queries.count;

@@ -20,12 +20,100 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_kernel.h"
 #include "deform_attn/deform_attn.h"
 #include "deform_attn/deform_attn_math.h"
 
 namespace dat {
 namespace deform_attn {
 namespace {
+
+// Where one displacement lands in a (height x width) table: its four corners (top-left, top-right,
+// bottom-left, bottom-right), with their bilinear weights and row-major offsets. Corners outside the
+// table get weight 0 and offset 0, so sampling is branch-free; the bounds are checked once here, and
+// a tap computed once serves every head that shares the key positions.
+// Pixel coordinate = (c + 1) / 2 * (size - 1) (align_corners=True).
+template <typename acc_t>
+struct BilinearTaps {
+  int32_t offset[4];
+  acc_t weight[4];
+  acc_t frac_row;  // position inside the cell, for the position gradient
+  acc_t frac_col;
+  int32_t inside;  // bit c set when corner c lies inside the table
+};
+
+// floor(pixel) when the cell is in reach, else -2 (which keeps both neighbours out of bounds),
+// without converting a huge float to an integer.
+template <typename acc_t>
+__device__ inline int32_t cell_start(acc_t pixel, int64_t size) {
+  return static_cast<int32_t>(floor_of(cell_in_reach(pixel, acc_t(size)) ? pixel : acc_t(-2)));
+}
+
+template <typename acc_t>
+__device__ inline BilinearTaps<acc_t> bilinear_taps(acc_t disp_row, acc_t disp_col, int64_t height, int64_t width) {
+  const acc_t pixel_row = (disp_row + acc_t(1)) * pixel_per_unit<acc_t>(height);
+  const acc_t pixel_col = (disp_col + acc_t(1)) * pixel_per_unit<acc_t>(width);
+  const int64_t row = cell_start(pixel_row, height);
+  const int64_t col = cell_start(pixel_col, width);
+  BilinearTaps<acc_t> taps;
+  taps.frac_row = row == -2 ? acc_t(0) : pixel_row - acc_t(row);
+  taps.frac_col = col == -2 ? acc_t(0) : pixel_col - acc_t(col);
+  taps.inside = 0;
+#pragma unroll
+  for (int corner = 0; corner < 4; ++corner) {
+    const int down = corner >> 1, right = corner & 1;
+    const int64_t corner_row = row + down, corner_col = col + right;
+    const bool inside = corner_row >= 0 && corner_row < height && corner_col >= 0 && corner_col < width;
+    const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
+    const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
+    taps.offset[corner] = inside ? static_cast<int32_t>(corner_row * width + corner_col) : 0;
+    taps.weight[corner] = inside ? row_weight * col_weight : acc_t(0);
+    taps.inside |= inside ? (1 << corner) : 0;
+  }
+  return taps;
+}
+
+// Bilinear sample of `table` (row-major, height x width); corners outside the table count as zero.
+template <typename acc_t, typename table_t>
+__device__ inline acc_t bilinear_sample(const table_t* table, const BilinearTaps<acc_t>& taps) {
+  acc_t value = 0;
+#pragma unroll
+  for (int corner = 0; corner < 4; ++corner) {
+    value += taps.weight[corner] * static_cast<acc_t>(table[taps.offset[corner]]);
+  }
+  return value;
+}
+
+// Backward of bilinear_sample for an upstream gradient `grad`: calls accumulate(offset, value) for the
+// table gradient of every in-bounds corner, and adds d(sample)/d(displacement) * grad to
+// grad_disp_row / grad_disp_col.
+template <typename acc_t, typename table_t, typename Accumulate>
+__device__ inline void bilinear_sample_backward(const table_t* table, int64_t height, int64_t width,
+                                                const BilinearTaps<acc_t>& taps, acc_t grad, Accumulate&& accumulate,
+                                                acc_t& grad_disp_row, acc_t& grad_disp_col) {
+  acc_t d_pixel_row = 0, d_pixel_col = 0;
+#pragma unroll
+  for (int corner = 0; corner < 4; ++corner) {
+    if (taps.inside & (1 << corner)) {
+      const int down = corner >> 1, right = corner & 1;
+      accumulate(taps.offset[corner], grad * taps.weight[corner]);
+      const acc_t value = static_cast<acc_t>(table[taps.offset[corner]]);
+      const acc_t row_weight = down ? taps.frac_row : acc_t(1) - taps.frac_row;
+      const acc_t col_weight = right ? taps.frac_col : acc_t(1) - taps.frac_col;
+      d_pixel_row += (down ? value : -value) * col_weight;
+      d_pixel_col += (right ? value : -value) * row_weight;
+    }
+  }
+  grad_disp_row += grad * d_pixel_row * pixel_per_unit<acc_t>(height);
+  grad_disp_col += grad * d_pixel_col * pixel_per_unit<acc_t>(width);
+}
+
+template <typename acc_t>
+__device__ inline BilinearTaps<acc_t> bias_taps(acc_t query_row, acc_t query_col, acc_t key_row, acc_t key_col,
+                                                int64_t height, int64_t width) {
+  const acc_t half = acc_t(kDisplacementPerPosition);
+  return bilinear_taps<acc_t>((query_row - key_row) * half, (query_col - key_col) * half, height, width);
+}
 
 constexpr int kThreads = 256;
 constexpr int kQueryTile = 64;
@@ -157,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ kpos,
                                const scalar_t* __restrict__ qpos, const scalar_t* __restrict__ rpe, float scale,
                                KernelGeometry geometry, scalar_t* __restrict__ out, float* __restrict__ logsumexp) {
-  extern __shared__ float shared[];
+  DAT_DYNAMIC_SHARED(float, shared);
   const SharedLayout layout(geometry.head_dim, false, 0);
   float* query_rows = shared + layout.query_rows;
   float* key_rows = shared + layout.key_rows;
@@ -251,7 +339,7 @@ __global__ void __launch_bounds__(kThreads)
                                 bool table_grad_in_shared, scalar_t* __restrict__ grad_q,
                                 float* __restrict__ grad_k, float* __restrict__ grad_v,
                                 float* __restrict__ grad_kpos, float* __restrict__ grad_rpe) {
-  extern __shared__ float shared[];
+  DAT_DYNAMIC_SHARED(float, shared);
   const int table_size = geometry.table_height * geometry.table_width;
   const SharedLayout layout(geometry.head_dim, true, table_grad_in_shared ? table_size : 0);
   float* query_rows = shared + layout.query_rows;
@@ -409,34 +497,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-KernelGeometry kernel_geometry(const Geometry& geometry) {
-  TORCH_CHECK(geometry.head_dim <= kMaxHeadDim, "dat::deform_attn on CUDA supports head_dim up to ", kMaxHeadDim,
-              ", got ", geometry.head_dim);
-  TORCH_CHECK(geometry.batch * geometry.heads <= 65535, "dat::deform_attn on CUDA supports batch x heads up to 65535, got ",
-              geometry.batch * geometry.heads);
-  TORCH_CHECK(geometry.queries < (int64_t(1) << 31) && geometry.keys < (int64_t(1) << 31),
-              "dat::deform_attn: too many queries or keys for the CUDA kernel");
+KernelGeometry kernel_geometry(const Problem& geometry) {
+  TORCH_CHECK_VALUE(geometry.head_dim <= kMaxHeadDim, "dat::deform_attn: the CUDA kernel supports head_dim up to ",
+                    kMaxHeadDim, ", got ", geometry.head_dim);
+  TORCH_CHECK_VALUE(geometry.batch * geometry.heads <= 65535,
+                    "dat::deform_attn: the CUDA kernel supports batch x heads up to 65535, got ",
+                    geometry.batch * geometry.heads);
+  TORCH_CHECK_VALUE(geometry.queries < (int64_t(1) << 31) && geometry.keys < (int64_t(1) << 31),
+                    "dat::deform_attn: the CUDA kernel supports fewer than 2^31 queries and keys, got ",
+                    geometry.queries, " and ", geometry.keys);
   return KernelGeometry{static_cast<int>(geometry.batch),        static_cast<int>(geometry.heads),
                         static_cast<int>(geometry.groups),       static_cast<int>(geometry.queries),
                         static_cast<int>(geometry.keys),         static_cast<int>(geometry.head_dim),
                         static_cast<int>(geometry.table_height), static_cast<int>(geometry.table_width)};
-}
-
-size_t max_shared_bytes() {
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
-}
-
-// Opts the kernel in to the device's whole shared-memory limit rather than to this launch's size, so that
-// a concurrent launch from another host thread with a smaller head_dim can never lower it under this one.
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  const size_t limit = max_shared_bytes();
-  TORCH_CHECK(bytes <= limit, "dat::deform_attn: needs ", bytes, " bytes of shared memory per block, the device allows ",
-              limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
 }
 
 // Calls fn.template operator()<scalar_t, kSlice>() for the input dtype and the smallest register slice
@@ -464,7 +537,7 @@ void dispatch_kernel(at::ScalarType dtype, int64_t head_dim, Fn&& fn) {
       with_slice(at::BFloat16{});
       break;
     default:
-      TORCH_CHECK(false, "dat::deform_attn on CUDA supports float32, float16 and bfloat16, got ", dtype);
+      TORCH_CHECK_TYPE(false, "dat::deform_attn: the CUDA kernel supports float32, float16 and bfloat16, got ", dtype);
   }
 }
 
@@ -472,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
                                                             const at::Tensor& v_in, const at::Tensor& kpos_in,
                                                             const at::Tensor& qpos_in,
                                                             const std::optional<at::Tensor>& rpe_in, double scale) {
-  const Geometry geometry = check_forward_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
@@ -486,12 +559,11 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kernel(inputs.q.scalar_type(), geometry.head_dim, [&]<typename scalar_t, int kSlice>() {
     auto* kernel_fn = deform_attn_forward_kernel<scalar_t, kSlice>;
-    allow_shared_bytes(kernel_fn, layout.bytes());
-    kernel_fn<<<grid, kThreads, layout.bytes(), stream>>>(
-        inputs.q.data_ptr<scalar_t>(), inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(),
-        inputs.kpos.data_ptr<scalar_t>(), inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(),
-        static_cast<float>(scale), kernel, out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reserve_shared_bytes(kernel_fn, layout.bytes(), "dat::deform_attn");
+    launch_kernel(kernel_fn, grid, kThreads, layout.bytes(), stream, inputs.q.data_ptr<scalar_t>(),
+                  inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(), inputs.kpos.data_ptr<scalar_t>(),
+                  inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(), static_cast<float>(scale), kernel,
+                  out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>());
   });
   return {out, logsumexp};
 }
@@ -500,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kpos_in, const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in,
     const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
-  const Geometry geometry =
+  const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
@@ -526,14 +598,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_kernel(inputs.q.scalar_type(), geometry.head_dim, [&]<typename scalar_t, int kSlice>() {
       auto* kernel_fn = deform_attn_backward_kernel<scalar_t, kSlice>;
-      allow_shared_bytes(kernel_fn, layout.bytes());
-      kernel_fn<<<grid, kThreads, layout.bytes(), stream>>>(
-          grad_out.data_ptr<scalar_t>(), inputs.q.data_ptr<scalar_t>(), inputs.k.data_ptr<scalar_t>(),
-          inputs.v.data_ptr<scalar_t>(), inputs.kpos.data_ptr<scalar_t>(), inputs.qpos.data_ptr<scalar_t>(),
-          inputs.table<scalar_t>(), out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>(), static_cast<float>(scale),
-          kernel, table_grad_in_shared, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<float>(),
-          grad_v.data_ptr<float>(), grad_kpos.data_ptr<float>(), grad_rpe.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reserve_shared_bytes(kernel_fn, layout.bytes(), "dat::deform_attn_backward");
+      launch_kernel(kernel_fn, grid, kThreads, layout.bytes(), stream, grad_out.data_ptr<scalar_t>(),
+                    inputs.q.data_ptr<scalar_t>(), inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(),
+                    inputs.kpos.data_ptr<scalar_t>(), inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(),
+                    out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>(), static_cast<float>(scale), kernel,
+                    table_grad_in_shared, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<float>(),
+                    grad_v.data_ptr<float>(), grad_kpos.data_ptr<float>(), grad_rpe.data_ptr<float>());
     });
   }
   const at::ScalarType dtype = inputs.q.scalar_type();
@@ -544,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 }  // namespace deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_IMPL(dat, CUDA, m) {
+TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("deform_attn", &dat::deform_attn::deform_attn_forward_cuda);
   m.impl("deform_attn_backward", &dat::deform_attn::deform_attn_backward_cuda);
 }

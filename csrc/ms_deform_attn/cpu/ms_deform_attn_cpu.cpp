@@ -9,11 +9,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "common/library.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -21,99 +22,13 @@ namespace dat {
 namespace ms_deform_attn {
 namespace {
 
-// Samples per parallel_for grain in the forward pass; small enough to split Deformable DETR's
-// decoder (300 queries) over a handful of threads.
-constexpr int64_t kForwardGrainSamples = 1024;
-
-template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const scalar_t* locations, const scalar_t* weights, scalar_t* output,
-                    const LevelLayout& layout, const ProblemSize& size) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t heads = size.heads, channels = size.channels, levels = size.levels, points = size.points;
-  const int64_t pixel_stride = heads * channels;
-  const int64_t rows = size.batch * size.queries;
-  const int64_t samples_per_row = heads * levels * points;
-  const int64_t grain = std::max<int64_t>(1, kForwardGrainSamples / std::max<int64_t>(1, samples_per_row));
-  at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
-    std::vector<acc_t> accumulator(channels);
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const int64_t batch = row / size.queries;
-      for (int64_t head = 0; head < heads; ++head) {
-        std::fill(accumulator.begin(), accumulator.end(), static_cast<acc_t>(0));
-        const int64_t head_sample = (row * heads + head) * levels * points;
-        for (int64_t level = 0; level < levels; ++level) {
-          const scalar_t* level_value =
-              value + ((batch * size.value_len + layout.start[level]) * heads + head) * channels;
-          for (int64_t point = 0; point < points; ++point) {
-            const int64_t sample = head_sample + level * points + point;
-            const auto stencil =
-                sample_stencil<acc_t>(locations, sample, layout.height[level], layout.width[level]);
-            const acc_t attention = weights[sample];
-            for (int k = 0; k < kTaps; ++k) {
-              if (!stencil.inside[k]) continue;
-              const acc_t tap_weight = attention * stencil.weight[k];
-              const scalar_t* tap = level_value + stencil.pixel[k] * pixel_stride;
-              for (int64_t c = 0; c < channels; ++c) accumulator[c] += tap_weight * tap[c];
-            }
-          }
-        }
-        scalar_t* out = output + (row * heads + head) * channels;
-        for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(accumulator[c]);
-      }
-    }
-  });
-}
-
-template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const scalar_t* locations,
-                     const scalar_t* weights, scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights,
-                     const LevelLayout& layout, const ProblemSize& size) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t heads = size.heads, channels = size.channels, levels = size.levels, points = size.points;
-  const int64_t pixel_stride = heads * channels;
-  at::parallel_for(0, size.batch * heads * levels, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t level = task % levels;
-      const int64_t head = (task / levels) % heads;
-      const int64_t batch = task / (levels * heads);
-      const int64_t level_offset = ((batch * size.value_len + layout.start[level]) * heads + head) * channels;
-      const scalar_t* level_value = value + level_offset;
-      scalar_t* level_grad_value = grad_value + level_offset;
-      for (int64_t query = 0; query < size.queries; ++query) {
-        const int64_t row = (batch * size.queries + query) * heads + head;
-        const scalar_t* grad_out = grad_output + row * channels;
-        for (int64_t point = 0; point < points; ++point) {
-          const int64_t sample = (row * levels + level) * points + point;
-          const auto stencil =
-              sample_stencil<acc_t>(locations, sample, layout.height[level], layout.width[level]);
-          const acc_t attention = weights[sample];
-          acc_t tap_dot[kTaps] = {0, 0, 0, 0};
-          for (int k = 0; k < kTaps; ++k) {
-            if (!stencil.inside[k]) continue;
-            const acc_t tap_weight = attention * stencil.weight[k];
-            const scalar_t* tap = level_value + stencil.pixel[k] * pixel_stride;
-            scalar_t* grad_tap = level_grad_value + stencil.pixel[k] * pixel_stride;
-            acc_t dot = 0;
-            for (int64_t c = 0; c < channels; ++c) {
-              const acc_t grad = grad_out[c];
-              dot += grad * static_cast<acc_t>(tap[c]);
-              grad_tap[c] += static_cast<scalar_t>(tap_weight * grad);
-            }
-            tap_dot[k] = dot;
-          }
-          const auto grads = sample_gradients<acc_t>(stencil, tap_dot, attention);
-          grad_weights[sample] = static_cast<scalar_t>(grads.attention_weight);
-          grad_locations[2 * sample] = static_cast<scalar_t>(grads.x);
-          grad_locations[2 * sample + 1] = static_cast<scalar_t>(grads.y);
-        }
-      }
-    }
-  });
-}
+// The kernels, for the baseline instruction set and AVX2 + FMA (common/cpu_isa.h).
+#define DAT_CPU_KERNELS "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
+#include "common/cpu_kernels_for_each_isa.h"
 
 void check_cpu_dtype(const at::Tensor& value) {
   TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-                   "ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
+                   "dat::ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -121,11 +36,12 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
                               const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu_dtype(value);
-  const ProblemSize& size = in.size;
+  const Problem& size = in.problem;
   at::Tensor output = at::empty({size.batch, size.queries, size.heads * size.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    forward_kernel<scalar_t>(in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<scalar_t>(),
-                             in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), in.layout, size);
+    DAT_CPU_ISA_CALL(forward_kernel<scalar_t>, in.value.data_ptr<scalar_t>(),
+                     in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+                     output.data_ptr<scalar_t>(), in.layout, size);
   });
   return output;
 }
@@ -135,16 +51,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu_dtype(value);
-  check_grad_output(grad_output, value, in.size);
+  check_grad_output(grad_output, value, in.problem);
   const at::Tensor grad_output_c = grad_output.contiguous();
   at::Tensor grad_value = at::zeros_like(in.value);
   at::Tensor grad_locations = at::empty_like(in.sampling_locations);
   at::Tensor grad_weights = at::empty_like(in.attention_weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
-                              in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
-                              grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<scalar_t>(),
-                              grad_weights.data_ptr<scalar_t>(), in.layout, in.size);
+    DAT_CPU_ISA_CALL(backward_kernel<scalar_t>, grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+                     in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+                     grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<scalar_t>(),
+                     grad_weights.data_ptr<scalar_t>(), in.layout, in.problem);
   });
   return {grad_value, grad_locations, grad_weights};
 }
@@ -153,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 }  // namespace ms_deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_IMPL(dat, CPU, m) {
+TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, CPU, m) {
   m.impl("ms_deform_attn", &dat::ms_deform_attn::ms_deform_attn_cpu);
   m.impl("ms_deform_attn_backward", &dat::ms_deform_attn::ms_deform_attn_backward_cpu);
 }

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/cuda_kernel.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -38,7 +39,7 @@ struct LevelGeometry {
 
 LevelGeometry to_geometry(const LevelLayout& layout) {
   TORCH_CHECK_VALUE(layout.height.size() <= static_cast<size_t>(kMaxLevels),
-                    "ms_deform_attn: the CUDA kernel takes at most ", kMaxLevels, " levels, got ",
+                    "dat::ms_deform_attn: the CUDA kernel takes at most ", kMaxLevels, " levels, got ",
                     layout.height.size());
   LevelGeometry geometry{};
   for (size_t level = 0; level < layout.height.size(); ++level) {
@@ -65,7 +66,7 @@ struct WarpRow {
   int lane;
 };
 
-__device__ __forceinline__ bool locate_warp_row(const ProblemSize& size, WarpRow& warp) {
+__device__ __forceinline__ bool locate_warp_row(const Problem& size, WarpRow& warp) {
   warp.row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   warp.lane = threadIdx.x % kWarpSize;
   warp.head = warp.row % size.heads;
@@ -75,8 +76,8 @@ __device__ __forceinline__ bool locate_warp_row(const ProblemSize& size, WarpRow
 }
 
 // Offset of (batch, first pixel of `level`, head, channel 0) in the (N, S, M, D) value.
-__device__ __forceinline__ int64_t level_offset(const ProblemSize& size, const LevelGeometry& geometry,
-                                                const WarpRow& warp, int64_t level) {
+__device__ __forceinline__ int64_t level_offset(const Problem& size, const LevelGeometry& geometry, const WarpRow& warp,
+                                                int64_t level) {
   return ((warp.batch * size.value_len + geometry.start[level]) * size.heads + warp.head) * size.channels;
 }
 
@@ -84,7 +85,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
                    const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, const LevelGeometry geometry,
-                   const ProblemSize size) {
+                   const Problem size) {
   WarpRow warp;
   if (!locate_warp_row(size, warp)) return;
   const int64_t pixel_stride = size.heads * size.channels;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
                     acc_t* __restrict__ grad_value, scalar_t* __restrict__ grad_locations,
-                    scalar_t* __restrict__ grad_weights, const LevelGeometry geometry, const ProblemSize size) {
+                    scalar_t* __restrict__ grad_weights, const LevelGeometry geometry, const Problem size) {
   WarpRow warp;
   if (!locate_warp_row(size, warp)) return;
   const int64_t pixel_stride = size.heads * size.channels;
@@ -150,26 +151,20 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-int64_t blocks_for_rows(const ProblemSize& size) {
+int64_t blocks_for_rows(const Problem& size) {
   const int64_t rows = size.batch * size.queries * size.heads;
   const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: ", rows,
-              " (batch, query, head) rows are more than one CUDA launch can cover");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "dat::ms_deform_attn: ", rows,
+                    " (batch, query, head) rows are more than one CUDA launch can cover");
   return blocks;
-}
-
-void check_cuda_tensors(const at::Tensor& value) {
-  TORCH_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs value, sampling_locations and "
-                    "attention_weights on a CUDA device, got ", value.device());
 }
 
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cuda_tensors(value);
   const LevelGeometry geometry = to_geometry(in.layout);
-  const ProblemSize& size = in.size;
+  const Problem& size = in.problem;
   const c10::cuda::CUDAGuard device_guard(value.device());
   at::Tensor output = at::empty({size.batch, size.queries, size.heads * size.channels}, value.options());
   const int64_t blocks = blocks_for_rows(size);
@@ -177,10 +172,9 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-        in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<scalar_t>(),
-        in.attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), geometry, size);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(forward_kernel<scalar_t, acc_t>, blocks, kThreadsPerBlock, 0, stream, in.value.data_ptr<scalar_t>(),
+                  in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+                  output.data_ptr<scalar_t>(), geometry, size);
   });
   return output;
 }
@@ -189,8 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cuda_tensors(value);
-  check_grad_output(grad_output, value, in.size);
+  check_grad_output(grad_output, value, in.problem);
   const LevelGeometry geometry = to_geometry(in.layout);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();
@@ -198,16 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   // Zero-filled: when D == 0 no kernel runs, and the gradients are zero, as in the reference.
   at::Tensor grad_locations = at::zeros_like(in.sampling_locations);
   at::Tensor grad_weights = at::zeros_like(in.attention_weights);
-  const int64_t blocks = blocks_for_rows(in.size);
-  if (blocks > 0 && in.size.channels > 0) {
+  const int64_t blocks = blocks_for_rows(in.problem);
+  if (blocks > 0 && in.problem.channels > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-          grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<scalar_t>(),
-          in.attention_weights.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
-          grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(), geometry, in.size);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(backward_kernel<scalar_t, acc_t>, blocks, kThreadsPerBlock, 0, stream,
+                    grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+                    in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+                    grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(),
+                    grad_weights.data_ptr<scalar_t>(), geometry, in.problem);
     });
   }
   return {grad_value_acc.to(value.scalar_type()), grad_locations, grad_weights};
@@ -217,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 }  // namespace ms_deform_attn
 }  // namespace dat
 
-TORCH_LIBRARY_IMPL(dat, CUDA, m) {
+TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("ms_deform_attn", &dat::ms_deform_attn::ms_deform_attn_cuda);
   m.impl("ms_deform_attn_backward", &dat::ms_deform_attn::ms_deform_attn_backward_cuda);
 }

@@ -15,6 +15,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common/cuda_kernel.h"
 #include "neighborhood_attn/neighborhood_attn.h"
 #include "neighborhood_attn/neighborhood_attn_math.h"
 
@@ -48,7 +49,7 @@ __device__ __forceinline__ acc_t dot(const scalar_t* a, const scalar_t* b, int64
 }
 
 // Flat index (over B*heads*H*W) of window slot `slot` of the query at (plane, y0, x0) window corner.
-__device__ __forceinline__ int64_t key_of_slot(int64_t slot, int64_t plane, int64_t y0, int64_t x0, const Geometry& g) {
+__device__ __forceinline__ int64_t key_of_slot(int64_t slot, int64_t plane, int64_t y0, int64_t x0, const Problem& g) {
   const int64_t ty = slot / g.kernel_size, tx = slot % g.kernel_size;
   return (plane * g.height + y0 + ty * g.dilation) * g.width + x0 + tx * g.dilation;
 }
@@ -57,7 +58,7 @@ struct QueryWindow {
   int64_t plane, y, x, y0, x0;
 };
 
-__device__ __forceinline__ QueryWindow window_of_query(int64_t query, const Geometry& g) {
+__device__ __forceinline__ QueryWindow window_of_query(int64_t query, const Problem& g) {
   const int64_t row = query / g.width, x = query % g.width;
   const int64_t y = row % g.height;
   return {row / g.height, y, x, window_start(y, g.height, g.kernel_size, g.dilation),
@@ -67,9 +68,9 @@ __device__ __forceinline__ QueryWindow window_of_query(int64_t query, const Geom
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ rpb,
-                               scalar_t* __restrict__ out, acc_t* __restrict__ attn, int64_t queries, Geometry g,
+                               scalar_t* __restrict__ out, acc_t* __restrict__ attn, int64_t queries, Problem g,
                                acc_t scale) {
-  extern __shared__ unsigned char shared_bytes[];
+  DAT_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t query = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (query >= queries) return;  // whole warps leave together; no block-wide barrier follows
@@ -115,8 +116,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void query_side_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ k,
                                            const scalar_t* __restrict__ v, const acc_t* __restrict__ attn,
                                            acc_t* __restrict__ grad_logits, scalar_t* __restrict__ grad_q,
-                                           int64_t queries, Geometry g, acc_t scale) {
-  extern __shared__ unsigned char shared_bytes[];
+                                           int64_t queries, Problem g, acc_t scale) {
+  DAT_DYNAMIC_SHARED(unsigned char, shared_bytes);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t query = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (query >= queries) return;
@@ -149,7 +150,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void key_side_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
                                          const acc_t* __restrict__ attn, const acc_t* __restrict__ grad_logits,
                                          scalar_t* __restrict__ grad_k, scalar_t* __restrict__ grad_v, int64_t keys,
-                                         Geometry g, acc_t scale) {
+                                         Problem g, acc_t scale) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t key = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (key >= keys) return;
@@ -179,7 +180,7 @@ __global__ void key_side_backward_kernel(const scalar_t* __restrict__ grad_out, 
 // the key (oy, ox) group positions away.
 template <typename scalar_t, typename acc_t>
 __global__ void bias_backward_kernel(const acc_t* __restrict__ grad_logits, scalar_t* __restrict__ grad_rpb,
-                                     int64_t batch, Geometry g) {
+                                     int64_t batch, Problem g) {
   __shared__ acc_t partial[kBiasThreads];
   const int64_t side = g.table_side(), K = g.kernel_size;
   const int64_t entry = blockIdx.x;
@@ -206,16 +207,16 @@ __global__ void bias_backward_kernel(const acc_t* __restrict__ grad_logits, scal
 
 unsigned int warp_blocks(int64_t items) {
   const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "dat::neighborhood_attn: ", items,
-              " queries are more than one CUDA launch can cover");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "dat::neighborhood_attn: ", items,
+                    " queries are more than one CUDA launch can cover");
   return static_cast<unsigned int>(blocks);
 }
 
-// The per-warp attention rows live in dynamic shared memory, within the 48 KB a launch gets without opting in.
-size_t window_shared_bytes(const Geometry& g, size_t element_size) {
+// The per-warp attention rows live in dynamic shared memory.
+template <typename Kernel>
+size_t window_shared_bytes(Kernel* kernel, const Problem& g, size_t element_size) {
   const size_t bytes = kWarpsPerBlock * g.window() * element_size;
-  TORCH_CHECK(bytes <= 48 * 1024, "dat::neighborhood_attn: kernel_size ", g.kernel_size,
-              " needs more shared memory per block than the CUDA kernel supports (48 KB)");
+  reserve_shared_bytes(kernel, bytes, "dat::neighborhood_attn");
   return bytes;
 }
 
@@ -224,17 +225,17 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, c
                                                           int64_t kernel_size, int64_t dilation, double scale) {
   ForwardTensors t = prepare_forward(q, k, v, rpb, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const Geometry g = geometry_of(t.q, kernel_size, dilation);
-  const int64_t queries = query_count(t.q);
+  const Problem& g = t.problem;
+  const int64_t queries = g.queries();
   if (queries == 0) return {t.out, t.attn};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t shared = window_shared_bytes(g, sizeof(acc_t));
-    forward_kernel<scalar_t, acc_t><<<warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared, stream>>>(
-        t.q.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.rpb.data_ptr<scalar_t>(),
-        t.out.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), queries, g, static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto* kernel = forward_kernel<scalar_t, acc_t>;
+    launch_kernel(kernel, warp_blocks(queries), kWarpsPerBlock * kWarpSize,
+                  window_shared_bytes(kernel, g, sizeof(acc_t)), stream, t.q.data_ptr<scalar_t>(),
+                  t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.rpb.data_ptr<scalar_t>(),
+                  t.out.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), queries, g, static_cast<acc_t>(scale));
   });
   return {t.out, t.attn};
 }
@@ -244,8 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
     const at::Tensor& attn, int64_t kernel_size, int64_t dilation, double scale) {
   BackwardTensors t = prepare_backward(grad_out, q, k, v, attn, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const Geometry g = geometry_of(t.q, kernel_size, dilation);
-  const int64_t queries = query_count(t.q);
+  const Problem& g = t.problem;
+  const int64_t queries = g.queries();
   if (queries == 0) {
     t.grad_rpb.zero_();
     return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
@@ -253,26 +254,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t shared = window_shared_bytes(g, sizeof(acc_t));
-    query_side_backward_kernel<scalar_t, acc_t><<<warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared, stream>>>(
-        t.grad_out.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
-        t.grad_logits.data_ptr<acc_t>(), t.grad_q.data_ptr<scalar_t>(), queries, g, static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    key_side_backward_kernel<scalar_t, acc_t><<<warp_blocks(queries), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        t.grad_out.data_ptr<scalar_t>(), t.q.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
-        t.grad_logits.data_ptr<acc_t>(), t.grad_k.data_ptr<scalar_t>(), t.grad_v.data_ptr<scalar_t>(), queries, g,
-        static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bias_backward_kernel<scalar_t, acc_t><<<t.grad_rpb.numel(), kBiasThreads, 0, stream>>>(
-        t.grad_logits.data_ptr<acc_t>(), t.grad_rpb.data_ptr<scalar_t>(), q.size(0), g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto* query_side = query_side_backward_kernel<scalar_t, acc_t>;
+    launch_kernel(query_side, warp_blocks(queries), kWarpsPerBlock * kWarpSize,
+                  window_shared_bytes(query_side, g, sizeof(acc_t)), stream, t.grad_out.data_ptr<scalar_t>(),
+                  t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
+                  t.grad_logits.data_ptr<acc_t>(), t.grad_q.data_ptr<scalar_t>(), queries, g,
+                  static_cast<acc_t>(scale));
+    launch_kernel(key_side_backward_kernel<scalar_t, acc_t>, warp_blocks(queries), kWarpsPerBlock * kWarpSize, 0,
+                  stream, t.grad_out.data_ptr<scalar_t>(), t.q.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
+                  t.grad_logits.data_ptr<acc_t>(), t.grad_k.data_ptr<scalar_t>(), t.grad_v.data_ptr<scalar_t>(),
+                  queries, g, static_cast<acc_t>(scale));
+    launch_kernel(bias_backward_kernel<scalar_t, acc_t>, t.grad_rpb.numel(), kBiasThreads, 0, stream,
+                  t.grad_logits.data_ptr<acc_t>(), t.grad_rpb.data_ptr<scalar_t>(), q.size(0), g);
   });
   return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dat, CUDA, m) {
+TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("neighborhood_attn", &neighborhood_attn_cuda);
   m.impl("neighborhood_attn_backward", &neighborhood_attn_backward_cuda);
 }
