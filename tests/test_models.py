@@ -188,5 +188,7 @@ def test_bad_constructor_arguments():
         timm.create_model('dat_tiny', block_types=('LS', 'LS', 'LXLDLD', 'LD'))
     with pytest.raises(ValueError, match='generation'):
         timm.create_model('dat_tiny', generation='dat3')
+    with pytest.raises(ValueError, match=r'key_stride needs one value per stage \(4\), got \(1, 2\)'):
+        timm.create_model('dat_tiny', key_strides=(1, 2))
     with pytest.raises(TypeError):
         timm.create_model('dat_tiny', not_an_argument=1)
