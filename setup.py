@@ -27,8 +27,8 @@ def _sources(pattern):
 
 
 def _locate_cuda_home():
-    """torch guesses CUDA_HOME from the directory above `nvcc` on PATH; where that is a wrapper script (as
-    /usr/local/bin/nvcc is here) the guess has no libraries, so prefer a toolkit folder that has them."""
+    """torch guesses CUDA_HOME from the directory above `nvcc` on PATH; where that is a wrapper script the
+    guess has no libraries, so prefer a toolkit folder that has them."""
     if 'CUDA_HOME' in os.environ or 'CUDA_PATH' in os.environ:
         return
     for candidate in ('/usr/local/cuda',):
@@ -57,17 +57,15 @@ def _extensions():
 
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-trapping-math']
     extra_compile_args = {'cxx': cxx_flags}
-    define_macros = []
     if build_cuda and cuda_sources:
-        define_macros.append(('DAT_WITH_CUDA', None))
         extra_compile_args['nvcc'] = ['-O3', '-std=c++20', '--use_fast_math', '-lineinfo']
         ext = cpp_extension.CUDAExtension(
             'dat._C', cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, 'csrc')],
-            define_macros=define_macros, extra_compile_args=extra_compile_args, extra_link_args=['-fopenmp'])
+            extra_compile_args=extra_compile_args, extra_link_args=['-fopenmp'])
     else:
         ext = cpp_extension.CppExtension(
             'dat._C', cpu_sources, include_dirs=[os.path.join(ROOT, 'csrc')],
-            define_macros=define_macros, extra_compile_args={'cxx': cxx_flags}, extra_link_args=['-fopenmp'])
+            extra_compile_args={'cxx': cxx_flags}, extra_link_args=['-fopenmp'])
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
         def run(self):

@@ -4,6 +4,7 @@ The official files are `torch.save({'model': state_dict, ...})` pickles. They ar
 `weights_only=True`; any extra non-tensor object in them (a training config, say) is replaced by an inert
 placeholder instead of being unpickled, so loading never imports or executes code named by the file.
 """
+import math
 import pickle
 import re
 import types
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Tuple, Union
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resize_rel_pos_bias_table_simple
 
 # buffers of the official modules that this package rebuilds for the actual input size
 REBUILT_BUFFERS = ('relative_position_index', 'attn_mask')
@@ -139,12 +140,12 @@ def _official_key(key: str, conv_stem: bool) -> str:
     return ''
 
 
-def _resize_table(table: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
-    if key.endswith('rpe_table'):  # (heads, Th, Tw)
-        return F.interpolate(table[None].float(), size=tuple(shape[1:]), mode='bicubic')[0].to(table.dtype)
-    side, target = int(round(table.shape[0] ** 0.5)), int(round(shape[0] ** 0.5))  # ((2w-1)^2, heads)
-    grid = table.float().T.reshape(1, -1, side, side)
-    return F.interpolate(grid, size=(target, target), mode='bicubic')[0].reshape(-1, target * target).T.to(table.dtype)
+def _resize_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A position table resampled to `shape`: (heads, 2h - 1, 2w - 1) for deformable attention, ((2w - 1)^2, heads)
+    for window attention. Interpolated in float32, so half-precision checkpoints lose no more than rounding."""
+    sides = shape[1:] if table.ndim == 3 else (math.isqrt(shape[0]),) * 2
+    window = tuple((side + 1) // 2 for side in sides)
+    return resize_rel_pos_bias_table_simple(table.float(), window, tuple(shape)).to(table.dtype)
 
 
 def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module, optional_keys: Tuple[str, ...] = (),
@@ -188,7 +189,7 @@ def checkpoint_filter_fn(checkpoint: Mapping, model: torch.nn.Module, optional_k
             if is_input_conv(key, value):
                 continue
             if key.endswith(RESIZABLE_TABLES):
-                state_dict[key] = _resize_table(value, expected[key].shape, key)
+                state_dict[key] = _resize_table(value, expected[key].shape)
             else:
                 mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}')
     if unexpected or missing or mismatched:

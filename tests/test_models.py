@@ -1,4 +1,8 @@
 """The timm model API of the DAT family, on inputs of any size, and its errors on bad input."""
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -25,6 +29,20 @@ def test_every_registered_architecture_has_tags_and_cfg():
     cfg = timm.get_pretrained_cfg('dat_tiny')
     assert cfg.first_conv == 'stem.conv' and cfg.classifier == 'head.fc' and cfg.interpolation == 'bicubic'
     assert cfg.mean == (0.485, 0.456, 0.406) and cfg.license == 'apache-2.0' and 'arXiv:2201.00520' in cfg.paper_ids
+
+
+# the ordered state_dict keys and shapes of every registered model, recorded from the code before its stages were
+# built from per-stage configs (issue 12): saved weights and converted official checkpoints depend on them
+PINNED_LAYOUTS = json.loads((Path(__file__).parent / 'data' / 'state_dict_layouts.json').read_text())
+
+
+def test_state_dict_layouts_are_pinned():
+    assert set(PINNED_LAYOUTS) == set(timm.list_models('dat_*')) | {'dat_pp_base.in1k_384'}
+    for name, pinned in PINNED_LAYOUTS.items():
+        state_dict = timm.create_model(name, device='meta').state_dict()
+        listing = '\n'.join(f'{key} {tuple(value.shape)}' for key, value in state_dict.items())
+        assert (len(state_dict), hashlib.sha256(listing.encode()).hexdigest()) == \
+            (pinned['keys'], pinned['sha256']), name
 
 
 @pytest.mark.parametrize('family', ['dat_tiny', 'dat_pp_tiny'])
@@ -170,5 +188,7 @@ def test_bad_constructor_arguments():
         timm.create_model('dat_tiny', block_types=('LS', 'LS', 'LXLDLD', 'LD'))
     with pytest.raises(ValueError, match='generation'):
         timm.create_model('dat_tiny', generation='dat3')
+    with pytest.raises(ValueError, match=r'key_stride needs one value per stage \(4\), got \(1, 2\)'):
+        timm.create_model('dat_tiny', key_strides=(1, 2))
     with pytest.raises(TypeError):
         timm.create_model('dat_tiny', not_an_argument=1)

@@ -1,24 +1,7 @@
-"""Feed-forward layers of DAT (linear MLP) and DAT++ (1x1 convs with a residual depth-wise conv)."""
+"""The feed-forward layer of DAT++: 1x1 convs with a residual depth-wise conv, which timm has no layer for
+(DAT's linear MLP is timm's `Mlp`)."""
 import torch
 import torch.nn as nn
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear over channels of a (B, C, H, W) map."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0., device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-        return x.permute(0, 3, 1, 2)
 
 
 class DwConvMlp(nn.Module):

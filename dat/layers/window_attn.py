@@ -11,30 +11,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import gen_relative_position_index, trunc_normal_
+from timm.models.swin_transformer import window_partition, window_reverse
 
 MASKED = -100.0
-
-
-def relative_position_index(window_size: int, device=None) -> torch.Tensor:
-    """(w*w, w*w) index into a ((2w-1)^2, heads) bias table, Swin's layout."""
-    coords = torch.stack(torch.meshgrid(
-        [torch.arange(window_size, device=device), torch.arange(window_size, device=device)], indexing='ij')).flatten(1)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
-    return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * windows, window_size**2, C), windows in row-major order."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
-
-
-def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    C = windows.shape[-1]
-    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
 
 
 @lru_cache(maxsize=64)
@@ -61,8 +41,8 @@ def window_attention_mask(height: int, width: int, window_size: int, shift_size:
     padding[:height, :width] = 0
     if shift:
         padding = torch.roll(padding, shifts=(-shift, -shift), dims=(0, 1))
-    region_windows = window_partition(region[None, :, :, None], ws).squeeze(-1)
-    padding_windows = window_partition(padding[None, :, :, None], ws).squeeze(-1) > 0
+    region_windows = window_partition(region[None, :, :, None], (ws, ws)).flatten(1)
+    padding_windows = window_partition(padding[None, :, :, None], (ws, ws)).flatten(1) > 0
     mask = (region_windows[:, None, :] != region_windows[:, :, None]) | padding_windows[:, None, :]
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask, MASKED)
 
@@ -89,8 +69,8 @@ class WindowAttention(nn.Module):
         self.proj_out = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
-        self.register_buffer('relative_position_index', relative_position_index(window_size, device),
-                             persistent=False)
+        self.register_buffer('relative_position_index',
+                             gen_relative_position_index((window_size, window_size), device=device), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.01)
 
     @torch.jit.ignore
@@ -109,7 +89,7 @@ class WindowAttention(nn.Module):
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
 
-        windows = window_partition(x, ws)
+        windows = window_partition(x, (ws, ws)).flatten(1, 2)
         num_windows, tokens = windows.shape[0] // B, ws * ws
         qkv = self.proj_qkv(windows).reshape(-1, tokens, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -123,7 +103,7 @@ class WindowAttention(nn.Module):
         out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, tokens, C)
         out = self.proj_drop(self.proj_out(out))
 
-        x = window_reverse(out, ws, padded_h, padded_w)
+        x = window_reverse(out.view(-1, ws, ws, C), (ws, ws), padded_h, padded_w)
         if shift:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x[:, :H, :W].permute(0, 3, 1, 2)

@@ -11,12 +11,14 @@ ranges and position squashing (see `dat.layers.grids`). Every other difference b
 code bases (conv stem, depth-wise-conv MLP, local perception units, layer scale, offset kernels and key
 strides) is an explicit argument.
 """
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, get_device_dtype
+from timm.layers import (ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, Mlp, calculate_drop_path_rates,
+                         get_device_dtype)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._builder import resolve_pretrained_cfg
@@ -25,14 +27,15 @@ from timm.models._manipulate import checkpoint_seq
 
 from dat.layers.deform_attn import DeformableAttention
 from dat.layers.grids import GENERATIONS
-from dat.layers.mlp import DwConvMlp, Mlp
+from dat.layers.mlp import DwConvMlp
 from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
 from dat.layers.window_attn import WindowAttention
 from dat.pretrained import load_pretrained_weights
 from dat.weights import bundled_path, manifest
 
-__all__ = ['DeformableAttentionTransformer', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE', 'position_table_names']
+__all__ = ['DeformableAttentionTransformer', 'DatStageCfg', 'MODEL_CONFIGS', 'MIN_INPUT_SIZE',
+           'position_table_names']
 
 BLOCK_TYPES = 'LSDN'
 MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
@@ -65,11 +68,67 @@ def position_table_names(model: nn.Module) -> set:
             if name.endswith(('relative_position_bias_table', 'rpe_table', 'rpb'))}
 
 
-def _per_stage(value, name: str, num_stages: int) -> tuple:
-    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * num_stages
-    if len(values) != num_stages:
-        raise ValueError(f'{name} needs one value per stage ({num_stages}), got {values}')
-    return values
+@dataclass(frozen=True)
+class DatStageCfg:
+    """The architecture of one stage: its entry of each per-stage argument of `DeformableAttentionTransformer`
+    (described there) and the model-wide settings its blocks use."""
+    dim: int
+    depth: int
+    block_types: str
+    num_heads: int
+    offset_groups: int
+    window_size: int
+    neighborhood_kernel: int
+    neighborhood_dilation: int
+    key_stride: int
+    offset_kernel: int
+    offset_range_factor: float
+    use_rpe: bool
+    dwconv_mlp: bool
+    local_perception: bool
+    layer_scale_init: Optional[float]
+    mlp_ratio: float
+    generation: str
+    proj_drop: float
+    attn_impl: Optional[str]
+    downsample: Optional[str]  # None (the first stage), 'patch' or 'conv': the Downsample at the stage's input
+    feat_size: Tuple[int, int]  # the stage's map at the training resolution; it sizes the D blocks' position tables
+
+    def __post_init__(self):
+        unknown = set(self.block_types) - set(BLOCK_TYPES)
+        if unknown or len(self.block_types) != self.depth:
+            raise ValueError(f'block_types {self.block_types!r} of a stage of depth {self.depth} must be '
+                             f'{self.depth} letters from {BLOCK_TYPES!r}')
+
+
+def stage_cfgs(num_stages: int, **fields) -> List[DatStageCfg]:
+    """One `DatStageCfg` per stage from its fields, each given per stage (a list or tuple) or once for all."""
+    per_stage = {}
+    for name, value in fields.items():
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * num_stages
+        if len(values) != num_stages:
+            raise ValueError(f'{name} needs one value per stage ({num_stages}), got {values}')
+        per_stage[name] = values
+    return [DatStageCfg(**{name: values[i] for name, values in per_stage.items()}) for i in range(num_stages)]
+
+
+def build_attention(block_type: str, cfg: DatStageCfg, device=None, dtype=None) -> nn.Module:
+    """The attention of a block of `cfg`'s stage whose letter is `block_type` (see the module docstring)."""
+    dd = {'device': device, 'dtype': dtype}
+    if block_type in ('L', 'S'):
+        shift_size = -(-cfg.window_size // 2) if block_type == 'S' else 0  # DAT shifts by ceil(window / 2)
+        return WindowAttention(cfg.dim, cfg.num_heads, window_size=cfg.window_size, shift_size=shift_size,
+                               proj_drop=cfg.proj_drop, **dd)
+    if block_type == 'D':
+        map_h, map_w = cfg.feat_size
+        return DeformableAttention(
+            cfg.dim, cfg.num_heads, num_groups=cfg.offset_groups, table_size=(2 * map_h - 1, 2 * map_w - 1),
+            use_rpe=cfg.use_rpe, key_stride=cfg.key_stride, offset_kernel=cfg.offset_kernel,
+            offset_range_factor=cfg.offset_range_factor, generation=cfg.generation, proj_drop=cfg.proj_drop,
+            attn_impl=cfg.attn_impl, **dd)
+    return NeighborhoodAttention(cfg.dim, cfg.num_heads, kernel_size=cfg.neighborhood_kernel,
+                                 dilation=cfg.neighborhood_dilation, proj_drop=cfg.proj_drop,
+                                 attn_impl=cfg.attn_impl, **dd)
 
 
 class DatBlock(nn.Module):
@@ -85,6 +144,9 @@ class DatBlock(nn.Module):
         self.ls1 = LayerScale2d(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = LayerNorm2d(dim, eps=1e-5, **dd)
+        # DAT's MLP is linear layers (as its checkpoints store them), which timm's Mlp applies to the last
+        # dimension: it runs on the map permuted to channels-last; DAT++'s MLP is convolutional
+        self.mlp_channels_last = not dwconv_mlp
         mlp_layer = DwConvMlp if dwconv_mlp else Mlp
         self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.ls2 = LayerScale2d(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
@@ -93,26 +155,31 @@ class DatBlock(nn.Module):
         if self.lpu is not None:
             x = x + self.lpu(x)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        y = self.norm2(x)
+        if self.mlp_channels_last:
+            y = self.mlp(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            y = self.mlp(y)
+        return x + self.drop_path(self.ls2(y))
 
 
 class DatStage(nn.Module):
-    """[downsample or channel projection] followed by blocks whose attention is given by `block_types`."""
+    """[downsample or channel projection] followed by the blocks `cfg.block_types` name, built from `cfg`."""
 
-    def __init__(self, in_dim: int, dim: int, block_types: str, num_heads: int, downsample: Optional[str],
-                 make_attention, drop_paths: Sequence[float], block_kwargs: dict, device=None, dtype=None):
+    def __init__(self, in_dim: int, cfg: DatStageCfg, drop_paths: Sequence[float], device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if downsample is not None:
-            self.downsample = Downsample(in_dim, dim, overlapping=downsample == 'conv', **dd)
-        elif in_dim != dim:
-            self.downsample = nn.Conv2d(in_dim, dim, 1, **dd)  # the official stage-input projection
+        if cfg.downsample is not None:
+            self.downsample = Downsample(in_dim, cfg.dim, overlapping=cfg.downsample == 'conv', **dd)
+        elif in_dim != cfg.dim:
+            self.downsample = nn.Conv2d(in_dim, cfg.dim, 1, **dd)  # the official stage-input projection
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[
-            DatBlock(dim, make_attention(letter, dim, num_heads, dd), drop_path=drop_paths[i], **block_kwargs, **dd)
-            for i, letter in enumerate(block_types)
+            DatBlock(cfg.dim, attn=build_attention(block_type, cfg, **dd), mlp_ratio=cfg.mlp_ratio,
+                     dwconv_mlp=cfg.dwconv_mlp, local_perception=cfg.local_perception,
+                     layer_scale_init=cfg.layer_scale_init, drop_path=drop_path, proj_drop=cfg.proj_drop, **dd)
+            for block_type, drop_path in zip(cfg.block_types, drop_paths)
         ])
         self.grad_checkpointing = False
 
@@ -192,25 +259,16 @@ class DeformableAttentionTransformer(nn.Module):
             raise ValueError(f'generation must be one of {GENERATIONS}, got {generation!r}')
         if stem not in ('patch', 'conv'):
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
-        depths = _per_stage(depths, 'depths', num_stages)
-        block_types = _per_stage(block_types, 'block_types', num_stages)
-        for i, (letters, depth) in enumerate(zip(block_types, depths)):
-            unknown = set(letters) - set(BLOCK_TYPES)
-            if unknown or len(letters) != depth:
-                raise ValueError(f'stage {i}: block_types {letters!r} must be {depth} letters from {BLOCK_TYPES!r}')
-        num_heads = _per_stage(num_heads, 'num_heads', num_stages)
-        offset_groups = _per_stage(offset_groups, 'offset_groups', num_stages)
-        window_size = _per_stage(window_size, 'window_size', num_stages)
-        neighborhood_kernel = _per_stage(neighborhood_kernel, 'neighborhood_kernel', num_stages)
-        neighborhood_dilation = _per_stage(neighborhood_dilation, 'neighborhood_dilation', num_stages)
-        key_strides = _per_stage(key_strides, 'key_strides', num_stages)
-        offset_kernels = _per_stage(offset_kernels, 'offset_kernels', num_stages)
-        offset_range_factors = _per_stage(offset_range_factors, 'offset_range_factors', num_stages)
-        use_rpe = _per_stage(use_rpe, 'use_rpe', num_stages)
-        layer_scale_init = _per_stage(layer_scale_init, 'layer_scale_init', num_stages)
-        dwconv_mlp = _per_stage(dwconv_mlp, 'dwconv_mlp', num_stages)
-        local_perception = _per_stage(local_perception, 'local_perception', num_stages)
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        cfgs = stage_cfgs(
+            num_stages, dim=dims, depth=depths, block_types=block_types, num_heads=num_heads,
+            offset_groups=offset_groups, window_size=window_size, neighborhood_kernel=neighborhood_kernel,
+            neighborhood_dilation=neighborhood_dilation, key_stride=key_strides, offset_kernel=offset_kernels,
+            offset_range_factor=offset_range_factors, use_rpe=use_rpe, dwconv_mlp=dwconv_mlp,
+            local_perception=local_perception, layer_scale_init=layer_scale_init, mlp_ratio=mlp_ratio,
+            generation=generation, proj_drop=proj_drop_rate, attn_impl=attn_impl,
+            downsample=[None] + [stem] * (num_stages - 1),
+            feat_size=[(img_h // 2 ** (i + 2), img_w // 2 ** (i + 2)) for i in range(num_stages)])
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -220,30 +278,13 @@ class DeformableAttentionTransformer(nn.Module):
         stem_dim = stem_dim or dims[0]
         self.stem = PatchStem(in_chans, stem_dim, **dd) if stem == 'patch' else ConvStem(in_chans, stem_dim, **dd)
 
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        drop_paths = calculate_drop_path_rates(drop_path_rate, [cfg.depth for cfg in cfgs], stagewise=True)
         stages, self.feature_info = [], []
-        in_dim, map_h, map_w = stem_dim, img_h // 4, img_w // 4
-        for i in range(num_stages):
-            def make_attention(letter, dim, heads, factory_kwargs, i=i, map_h=map_h, map_w=map_w):
-                if letter == 'L' or letter == 'S':
-                    shift = -(-window_size[i] // 2) if letter == 'S' else 0  # DAT shifts by ceil(window / 2)
-                    return WindowAttention(dim, heads, window_size[i], shift, proj_drop_rate, **factory_kwargs)
-                if letter == 'D':
-                    return DeformableAttention(
-                        dim, heads, offset_groups[i], (2 * map_h - 1, 2 * map_w - 1), use_rpe[i], key_strides[i],
-                        offset_kernels[i], offset_range_factors[i], generation, proj_drop_rate, attn_impl,
-                        **factory_kwargs)
-                return NeighborhoodAttention(dim, heads, neighborhood_kernel[i], neighborhood_dilation[i],
-                                             proj_drop_rate, attn_impl, **factory_kwargs)
-
-            first = sum(depths[:i])
-            stages.append(DatStage(
-                in_dim, dims[i], block_types[i], num_heads[i], downsample=None if i == 0 else stem,
-                make_attention=make_attention, drop_paths=drop_paths[first:first + depths[i]],
-                block_kwargs=dict(mlp_ratio=mlp_ratio, dwconv_mlp=dwconv_mlp[i], local_perception=local_perception[i],
-                                  layer_scale_init=layer_scale_init[i], proj_drop=proj_drop_rate), **dd))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
-            in_dim, map_h, map_w = dims[i], map_h // 2, map_w // 2
+        in_dim = stem_dim
+        for i, cfg in enumerate(cfgs):
+            stages.append(DatStage(in_dim, cfg, drop_paths[i], **dd))
+            self.feature_info.append(dict(num_chs=cfg.dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
+            in_dim = cfg.dim
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = dims[-1]
