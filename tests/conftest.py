@@ -75,3 +75,23 @@ def official_mini_checkpoint(folder: Path):
     path = folder / 'dat_mini_official.pth'
     torch.save({'model': state_dict, 'epoch': 300}, path)
     return path, config, handle.get_tensor('input_224'), handle.get_tensor('logits_224')
+
+
+def official_detector_checkpoint(out_indices=(0, 1, 2, 3), wrapper='state_dict'):
+    """An official DAT-Detection/Segmentation-style checkpoint made from the official classification fixture:
+    its backbone keys (classifier keys without `cls_*`, plus `norms.{i}.norm.*` of the returned stages)
+    under `backbone.`, next to neck and head keys."""
+    import json
+    from safetensors import safe_open
+    handle = safe_open(str(official_fixture('dat_v1_mini_seed0.safetensors')), 'pt')
+    config = json.loads(handle.metadata()['config'])
+    generator = torch.Generator().manual_seed(3)
+    detector = {f'backbone.{key[len("model."):]}': handle.get_tensor(key) for key in handle.keys()
+                if key.startswith('model.') and not key.startswith(('model.cls_head', 'model.cls_norm'))}
+    for i in out_indices:
+        for name in ('weight', 'bias'):
+            detector[f'backbone.norms.{i}.norm.{name}'] = torch.randn(config['dims'][i], generator=generator)
+    detector['neck.lateral_convs.0.conv.weight'] = torch.randn(256, config['dims'][0], 1, 1)
+    detector['roi_head.bbox_head.fc_cls.weight'] = torch.randn(81, 1024)
+    references = {i: handle.get_tensor(f'stage{i}_224') for i in range(4)}
+    return config, {wrapper: detector, 'meta': {'epoch': 12}}, references, handle.get_tensor('input_224')
