@@ -49,6 +49,10 @@ if [ ! -f "$DAT_TIMM_TESTS/test_models.py" ]; then
   rm -rf "$tmp"
 fi
 
+# --- detection/segmentation frameworks for tests/test_frameworks.py (from ../shared/wheels where present) ---
+[ "$job" != test ] || PYTHON="$PY" bash scripts/install_frameworks.sh
+# ---
+
 case "$job" in
   demo) exec "$PY" -m dat "$@" ;;
   test) exec "$PY" -m pytest tests "$@" ;;

@@ -1,3 +1,4 @@
+import importlib
 import os
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import torch
 import dat  # noqa: F401 - registers the models with timm
 
 FIXTURES = Path(os.environ.get('DAT_OFFICIAL_FIXTURES', Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official'))
+# wheels of detectron2 and mmcv built for this stack, which scripts/install_frameworks.sh installs from
+FRAMEWORK_WHEELS = Path(os.environ.get('DAT_WHEELS_DIR', Path(__file__).resolve().parents[2] / 'shared' / 'wheels'))
 
 
 def official_fixture(name: str) -> Path:
@@ -15,6 +18,33 @@ def official_fixture(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f'official reference data {path} is absent (set DAT_OFFICIAL_FIXTURES to its folder)')
     return path
+
+
+def import_framework(module_name: str):
+    """Import a module of detectron2 / mmcv / mmengine / mmdet / mmseg. Skips only where the framework wheels are
+    absent; where they are present, `bash scripts/dev.sh` installed the frameworks, so an import error fails."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        if FRAMEWORK_WHEELS.is_dir():
+            pytest.fail(f'{module_name} does not import although the framework wheels are in {FRAMEWORK_WHEELS}: '
+                        f'{error} (bash scripts/install_frameworks.sh installs them)')
+        pytest.skip(f'{module_name} is not installed and the framework wheels folder {FRAMEWORK_WHEELS} is absent '
+                    '(set DAT_WHEELS_DIR to the folder of the wheels)')
+
+
+def synthetic_detection_batch(num_classes=3):
+    """Two 128x160 images, each with two boxes and their instance masks."""
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 128, 160, generator=generator) for _ in range(2)]
+    targets = []
+    for offset in (0, 20):
+        boxes = torch.tensor([[10. + offset, 12., 70. + offset, 90.], [80., 30. + offset, 150., 110.]])
+        masks = torch.zeros(2, 128, 160, dtype=torch.uint8)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
+            mask[y0:y1, x0:x1] = 1
+        targets.append(dict(boxes=boxes, labels=torch.tensor([1, num_classes - 1]), masks=masks))
+    return images, targets
 
 
 @pytest.fixture(autouse=True)
