@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, get_device_dtype
 
-from dat.checkpoint import checkpoint_filter_fn, load_checkpoint_file
+from dat.checkpoint import OFFICIAL_MARKERS, checkpoint_filter_fn, load_checkpoint_file
 from dat.models.dat import DeformableAttentionTransformer, check_image_batch, position_table_names
 from dat.official import model_args_from_official
 
@@ -131,13 +131,28 @@ class DatBackbone(nn.Module):
         another architecture raises `CheckpointError` naming the keys that do not fit."""
         if isinstance(checkpoint, (str, Path)):
             checkpoint = load_checkpoint_file(checkpoint)
+        missing, _ = self.load_state_dict(self._fitted_state_dict(checkpoint), strict=False)
+        return missing
+
+    def _fitted_state_dict(self, checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+        """`checkpoint` in this backbone's layout, checked against it (see `checkpoint_filter_fn`)."""
         unbuilt_stages = tuple(f'stages.{i}.' for i in range(len(self.stages), self.num_model_stages))
-        state_dict = checkpoint_filter_fn(
+        return checkpoint_filter_fn(
             checkpoint, self, optional_keys=('norms.',),
             # the classifier's final norm and head, norms of outputs not returned here, stages not built here
             extra_keys=('norm.', 'head.', 'norms.') + unbuilt_stages)
-        missing, _ = self.load_state_dict(state_dict, strict=False)
-        return missing
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loaders that walk the module tree (torch's `load_state_dict`; mmengine's, which its `load_checkpoint`
+        and `Pretrained` initialiser use) hand this backbone the keys under its `prefix`. Official-layout keys
+        there (the `backbone.*` of a DAT-Detection / DAT-Segmentation model) are converted and checked here as
+        `load_checkpoint` does: unconverted, those non-strict loaders would only warn about them and leave the
+        backbone as it was."""
+        own_keys = [key for key in state_dict if key.startswith(prefix)]
+        if any(key[len(prefix):].startswith(OFFICIAL_MARKERS) for key in own_keys):
+            official = {key[len(prefix):]: state_dict.pop(key) for key in own_keys}
+            state_dict.update({prefix + key: value for key, value in self._fitted_state_dict(official).items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:

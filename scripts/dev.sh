@@ -57,6 +57,10 @@ if [ "$job" = test ] && [ ! -f /usr/include/tbb/tbb.h ] && [ ! -f /usr/include/o
     || echo "   (could not install libtbb-dev: the emulated CUDA tests will skip)"
 fi
 
+# --- detection/segmentation frameworks for tests/test_frameworks.py (from ../shared/wheels where present) ---
+[ "$job" != test ] || PYTHON="$PY" bash scripts/install_frameworks.sh
+# ---
+
 case "$job" in
   demo) exec "$PY" -m dat "$@" ;;
   test) exec "$PY" -m pytest tests "$@" ;;

@@ -1,7 +1,5 @@
 """DatBackbone: features of any image size, official detection/segmentation checkpoints, frozen stages,
 norm_eval, gradient checkpointing and its errors."""
-import json
-
 import pytest
 import timm
 import torch
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 
 from dat.backbone import DatBackbone
 from dat.checkpoint import CheckpointError
-from conftest import official_fixture
+from conftest import official_detector_checkpoint
 
 NARROW = dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), offset_groups=(1, 1, 2, 4))
 
@@ -69,25 +67,6 @@ def test_out_indices_select_outputs_and_drop_unused_stages():
     assert [info['module'] for info in plain.feature_info] == ['stages.1', 'stages.3']
 
 
-def _official_detector_checkpoint(out_indices=(0, 1, 2, 3), wrapper='state_dict'):
-    """An official DAT-Detection/Segmentation-style checkpoint made from the official classification fixture:
-    its backbone keys (classifier keys without `cls_*`, plus `norms.{i}.norm.*` of the returned stages)
-    under `backbone.`, next to neck and head keys."""
-    from safetensors import safe_open
-    handle = safe_open(str(official_fixture('dat_v1_mini_seed0.safetensors')), 'pt')
-    config = json.loads(handle.metadata()['config'])
-    generator = torch.Generator().manual_seed(3)
-    detector = {f'backbone.{key[len("model."):]}': handle.get_tensor(key) for key in handle.keys()
-                if key.startswith('model.') and not key.startswith(('model.cls_head', 'model.cls_norm'))}
-    for i in out_indices:
-        for name in ('weight', 'bias'):
-            detector[f'backbone.norms.{i}.norm.{name}'] = torch.randn(config['dims'][i], generator=generator)
-    detector['neck.lateral_convs.0.conv.weight'] = torch.randn(256, config['dims'][0], 1, 1)
-    detector['roi_head.bbox_head.fc_cls.weight'] = torch.randn(81, 1024)
-    references = {i: handle.get_tensor(f'stage{i}_224') for i in range(4)}
-    return config, {wrapper: detector, 'meta': {'epoch': 12}}, references, handle.get_tensor('input_224')
-
-
 def test_unwrap_keeps_only_the_backbone_of_a_whole_detector():
     from dat.checkpoint import unwrap_state_dict
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.)
@@ -102,7 +81,7 @@ def test_unwrap_keeps_only_the_backbone_of_a_whole_detector():
 def test_official_detection_checkpoint_reproduces_official_outputs(wrapper):
     """The official detection code returns norms[i](stage i output); the fixture holds the official stage
     outputs, so the loaded backbone must give exactly LayerNorm(official stage output) with the file's norms."""
-    config, checkpoint, references, image = _official_detector_checkpoint(wrapper=wrapper)
+    config, checkpoint, references, image = official_detector_checkpoint(wrapper=wrapper)
     backbone = DatBackbone(dict(config, out_indices=(0, 1, 2, 3), use_checkpoint=True, type='DAT'))
     assert backbone.load_checkpoint(checkpoint) == []
     backbone.eval()
@@ -115,8 +94,22 @@ def test_official_detection_checkpoint_reproduces_official_outputs(wrapper):
         torch.testing.assert_close(feature, expected, atol=2e-5, rtol=0)
 
 
+def test_official_keys_convert_when_a_whole_detector_loads_its_state_dict():
+    """torch's (and mmengine's) loaders give the backbone its `backbone.*` keys, in the official layout."""
+    config, checkpoint, _, _ = official_detector_checkpoint()
+    detector = torch.nn.ModuleDict({'backbone': DatBackbone(config)})
+    missing, unexpected = detector.load_state_dict(checkpoint['state_dict'], strict=False)
+    assert missing == [] and sorted(unexpected) == ['neck.lateral_convs.0.conv.weight',
+                                                    'roi_head.bbox_head.fc_cls.weight']
+    reference = DatBackbone(config)
+    reference.load_checkpoint(checkpoint)
+    loaded = detector['backbone'].state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
 def test_retinanet_style_checkpoint_without_the_first_norm():
-    config, checkpoint, references, image = _official_detector_checkpoint(out_indices=(1, 2, 3))
+    config, checkpoint, references, image = official_detector_checkpoint(out_indices=(1, 2, 3))
     backbone = DatBackbone(config, out_indices=(1, 2, 3))
     assert not any(True for _ in backbone.norms[0].parameters())
     assert backbone.load_checkpoint(checkpoint) == []

@@ -6,7 +6,8 @@ them is installed. Importing this module is all it takes; in a config:
                                drop_path_rate=0.2, checkpoint='dat_tiny_in1k_224.pth'), ...)
 
 `checkpoint` loads official classification, DAT-Detection or DAT-Segmentation checkpoints with their key
-conversion (mmengine's `init_cfg=dict(type='Pretrained')` would load keys unconverted).
+conversion; mmengine's loaders (`load_from`, `load_checkpoint`) convert the official `backbone.` keys of a whole
+DAT-Detection / DAT-Segmentation model as well (see `DatBackbone._load_from_state_dict`).
 """
 import importlib
 from typing import List
