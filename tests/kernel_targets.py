@@ -6,8 +6,9 @@ on CPU tensors, and gives them the fake kernels and autograd of the real ops. Ev
 both targets; test ids name the target, so `pytest tests -k emulated` runs exactly the emulated tier.
 
 HIP-CPU is found at $DAT_HIPCPU_DIR, else at ../shared/third_party/hip-cpu beside the checkout; TBB
-(Debian's libtbb-dev) must be installed. Where either is missing the tier skips with that reason; where
-both are there, a build failure is an error, never a skip.
+(Debian's libtbb-dev) must be installed. Where either is missing the tier skips with that reason, unless
+$DAT_REQUIRE_EMULATION is 1 (CI sets it), which makes that a failure; where both are there, a build
+failure is an error, never a skip.
 """
 import functools
 import os
@@ -104,6 +105,8 @@ def _cuda_target() -> KernelTarget:
 def _emulated_target() -> KernelTarget:
     reason = emulation_unavailable_reason()
     if reason is not None:
+        if os.environ.get('DAT_REQUIRE_EMULATION') == '1':
+            pytest.fail(f'the emulated CUDA tier is required here (DAT_REQUIRE_EMULATION=1): {reason}')
         pytest.skip(reason)
     return KernelTarget('emulated', 'cpu', load_emulated_ops())
 
