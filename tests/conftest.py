@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dat  # noqa: F401 - registers the models with timm
+from kernel_limits import reduced_shared_memory_limit, shared_memory_limit  # noqa: F401 - fixtures
 from kernel_targets import cuda_target  # noqa: F401 - the fixture that runs CUDA tests on a GPU and emulated
 
 FIXTURES = Path(os.environ.get('DAT_OFFICIAL_FIXTURES', Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'official'))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dat.ops import register_fused_ops
-from dat.ops._extension import native_op_available
+from dat.ops._extension import native_op_available, read_kernel_limits
 
 REPO = Path(__file__).resolve().parents[1]
 EMULATION_DIR = REPO / 'tests' / 'emulated'
@@ -92,6 +92,10 @@ class KernelTarget:
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
+
+    def limits(self, op_name: str) -> dict:
+        """What the CUDA kernel of `op_name` exports about the calls it takes (the `limits` of its `fused_refusal`)."""
+        return read_kernel_limits(op_name, self.namespace)['cuda']
 
 
 def _cuda_target() -> KernelTarget:

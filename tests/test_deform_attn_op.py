@@ -3,8 +3,10 @@ import pytest
 import torch
 
 import dat.ops.deform_attn as deform_attn_module
-from dat.ops import deformable_attention, deformable_attention_reference, native_op_available
-from dat.ops._extension import IMPL_ENV
+from dat.ops import deformable_attention, deformable_attention_reference, native_op_available, why_not_fused
+from dat.ops._extension import IMPL_ENV, dtype_name
+from dat.ops.deform_attn import KERNEL_LIMITS, fused_problem, fused_refusal
+from kernel_limits import assert_auto_takes_reference, assert_cuda_choice, assert_kernel_refuses
 
 CPU_OP = native_op_available('deform_attn', 'cpu')
 CUDA_OP = torch.cuda.is_available() and native_op_available('deform_attn', 'cuda')
@@ -250,19 +252,6 @@ def test_dispatch_fused_by_default_and_env(monkeypatch):
     assert spy.calls == 1
 
 
-@needs_cpu_op
-def test_dispatch_unsupported_dtype(monkeypatch):
-    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.bfloat16)
-    spy = ReferenceSpy(monkeypatch)
-    monkeypatch.delenv(IMPL_ENV, raising=False)
-    deformable_attention(**inputs)  # auto: no CPU bfloat16 kernel, so the reference
-    assert spy.calls == 1
-    with pytest.raises(RuntimeError, match='cannot take this call: no cpu kernel for torch.bfloat16'):
-        deformable_attention(**inputs, impl='fused')
-    with pytest.raises(TypeError, match='the CPU kernel supports float32 and float64'):
-        torch.ops.dat.deform_attn(*inputs.values(), 0.5)
-
-
 @pytest.mark.skipif(CPU_OP, reason='checks the error when the extension is missing; it is built here')
 def test_dispatch_fused_without_extension_is_an_error():
     inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
@@ -303,16 +292,6 @@ def test_op_rejects_bad_logsumexp():
     out, logsumexp = torch.ops.dat.deform_attn(*inputs.values(), 0.5)
     with pytest.raises(ValueError, match='logsumexp must be'):
         torch.ops.dat.deform_attn_backward(out, *inputs.values(), out, logsumexp.double(), 0.5)
-
-
-@needs_cpu_op
-def test_cpu_op_rejects_a_table_too_large_for_its_cell_offsets():
-    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
-    # 23200 x 23200: within the op's int32 table check, but its padded cells x 4 coefficients are not;
-    # expanded from one element, so the test allocates nothing large.
-    inputs['rpe'] = torch.zeros(1, 1, 1).expand(2, 23200, 23200)
-    with pytest.raises(ValueError, match='table of 23200 x 23200 \\(too large\\)'):
-        torch.ops.dat.deform_attn(*inputs.values(), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -381,14 +360,154 @@ def test_cuda_opcheck(cuda_target):
     torch.library.opcheck(cuda_target.op('deform_attn').default, (*inputs.values(), 0.5))
 
 
-def test_cuda_op_rejects_unsupported_dtype(cuda_target):
-    inputs = cuda_case(cuda_target, torch.float64)
-    with pytest.raises(TypeError, match='the CUDA kernel supports float32, float16 and bfloat16'):
-        cuda_target.op('deform_attn')(*inputs.values(), 0.5)
+# ------------------------------------------------------------------------------------------- kernel limits
+# Every limit of the kernels (`fused_refusal`), tested from both sides as tests/kernel_limits.py describes.
+
+
+def refusal_of(inputs, device='cpu', **options):
+    """What `fused_refusal` says of the call `inputs` (a make_inputs dict) on the `device` kernel; `options` are
+    its further keywords (limits, shared_memory_limit) or override the call's sizes."""
+    problem = dict(fused_problem(*inputs.values()), **options)
+    return fused_refusal(device, inputs['q'].dtype, **problem)
+
+
+@needs_cpu_op
+def test_why_not_fused_answers_by_sizes(caplog):
+    sizes = dict(batch=1, heads=2, queries=5, keys=6, head_dim=4)
+    assert why_not_fused('deform_attn', 'cpu', torch.float32, **sizes) is None
+    assert why_not_fused('deform_attn', 'cpu', torch.float32, table_height=23169, table_width=23169, **sizes) == \
+        'dat::deform_attn: the CPU kernel cannot index a relative-position table of 23169 x 23169 (too large)'
+    assert why_not_fused('deform_attn', 'meta', torch.float32, **sizes) == \
+        'dat::deform_attn has no meta kernel in this build'
+    with pytest.raises(ValueError, match="no dat op 'deform'"):
+        why_not_fused('deform', 'cpu', torch.float32, **sizes)
+    # A call that the kernel takes goes to it, without a word.
+    with caplog.at_level('DEBUG', logger='dat.ops'):
+        deformable_attention(**make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32), impl='auto')
+    assert not caplog.records
+
+
+def constant_table_inputs(height, width, bias=0.7):
+    """Small fp32 inputs with a `height` x `width` table expanded from one element (nothing large is allocated).
+    Every displacement lies in the table and a constant table biases every pair alike, so the expected output
+    is plain softmax attention."""
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, None, dtype=torch.float32)
+    inputs['rpe'] = torch.full((1, 1, 1), bias).expand(2, height, width)
+    expected = torch.softmax(inputs['q'] @ inputs['k'].transpose(-1, -2) * 0.5, dim=-1) @ inputs['v']
+    return inputs, expected
+
+
+@needs_cpu_op
+def test_cpu_limit_table_cell_offsets(caplog):
+    # The table's padded cells (2 more rows and columns) x 4 coefficients must be indexable with int32:
+    # 23168 x 23168 just is, 23169 x 23169 is not.
+    inside, _ = constant_table_inputs(23168, 23168)
+    assert refusal_of(inside) is None
+    beyond, expected = constant_table_inputs(23169, 23169)
+    refusal = refusal_of(beyond)
+    assert_kernel_refuses(lambda: fused(*beyond.values(), 0.5), refusal)
+    out = assert_auto_takes_reference(caplog, lambda: deformable_attention(**beyond, scale=0.5, impl='auto'),
+                                      'deform_attn', 'cpu', refusal)
+    torch.testing.assert_close(out, expected)
+    assert_kernel_refuses(lambda: deformable_attention(**beyond, scale=0.5, impl='fused'), refusal)
+
+
+# Dtypes beyond the CPU kernel's: the half types it is not built for, and float8, which no kernel takes.
+CPU_DTYPES_BEYOND = [dtype for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+                     if CPU_OP and dtype_name(dtype) not in KERNEL_LIMITS['cpu']['dtypes']]
+
+
+@needs_cpu_op
+@pytest.mark.parametrize('dtype', CPU_DTYPES_BEYOND, ids=dtype_name)
+def test_cpu_limit_dtype(caplog, dtype):
+    assert refusal_of(make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)) is None
+    inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=dtype, key_spread=1.5)
+    refusal = refusal_of(inputs)
+    assert_kernel_refuses(lambda: fused(*inputs.values(), 0.5), refusal)
+    assert_kernel_refuses(lambda: deformable_attention(**inputs, scale=0.5, impl='fused'), refusal)
+    if dtype == torch.float8_e4m3fn:
+        return  # the reference has no float8 arithmetic either
+    out = assert_auto_takes_reference(caplog, lambda: deformable_attention(**inputs, scale=0.5, impl='auto'),
+                                      'deform_attn', 'cpu', refusal)
+    as_fp32 = {name: t.float() if t is not None else None for name, t in inputs.items()}
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), deformable_attention_reference(**as_fp32, scale=0.5), rtol=5e-2, atol=5e-2)
+
+
+def expanded_inputs(batch, heads, queries, keys, head_dim, device):
+    """fp32 inputs of these sizes, each expanded from one element: nothing large is allocated, and the kernels
+    refuse sizes beyond their limits before they copy or allocate anything."""
+    one = torch.zeros((), device=device)
+    return dict(q=one.expand(batch, heads, queries, head_dim), k=one.expand(batch, heads, keys, head_dim),
+                v=one.expand(batch, heads, keys, head_dim), kpos=one.expand(batch, 1, keys, 2),
+                qpos=one.expand(queries, 2), rpe=None)
+
+
+# Calls just beyond and just inside each limit of the CUDA kernel but shared memory, on a device.
+CUDA_LIMITS = {
+    'dtype': (lambda device: make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float64, device=device),
+              lambda device: make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32, device=device)),
+    'head_dim': (lambda device: make_inputs(1, 2, 1, 5, 6, 129, (5, 5), dtype=torch.float32, device=device),
+                 lambda device: make_inputs(1, 2, 1, 5, 6, 128, (5, 5), dtype=torch.float32, device=device)),
+    'batch_x_heads': (lambda device: expanded_inputs(2, 32768, 1, 1, 1, device),
+                      lambda device: expanded_inputs(3, 21845, 1, 1, 1, device)),
+    'queries': (lambda device: expanded_inputs(1, 1, 2 ** 31, 1, 1, device),
+                lambda device: expanded_inputs(1, 1, 2 ** 31 - 1, 1, 1, device)),
+    'keys': (lambda device: expanded_inputs(1, 1, 1, 2 ** 31, 1, device),
+             lambda device: expanded_inputs(1, 1, 1, 2 ** 31 - 1, 1, device)),
+}
+
+
+@pytest.mark.parametrize('limit', CUDA_LIMITS)
+def test_cuda_limit(cuda_target, shared_memory_limit, monkeypatch, caplog, limit):
+    # Inside the head_dim limit the kernel runs: test_cuda_fp32_matches_reference covers head_dim 128.
+    make_beyond, make_inside = CUDA_LIMITS[limit]
+    options = dict(limits=cuda_target.limits('deform_attn'), shared_memory_limit=shared_memory_limit)
+    assert refusal_of(make_inside(cuda_target.device), 'cuda', **options) is None
+    beyond = make_beyond(cuda_target.device)
+    refusal = refusal_of(beyond, 'cuda', **options)
+    assert_kernel_refuses(lambda: fused(*beyond.values(), 0.5, cuda_target.op('deform_attn')), refusal)
+    assert_cuda_choice(monkeypatch, caplog, 'deform_attn', refusal)
+
+
+@pytest.mark.parametrize('backward', [False, True], ids=['forward', 'backward'])
+def test_cuda_limit_shared_memory(cuda_target, reduced_shared_memory_limit, monkeypatch, caplog, backward):
+    # The kernels keep tiles of head_dim + 1 floats per row in shared memory; the largest head_dim that fits
+    # the device runs and matches the reference, one more is refused.
+    limits = cuda_target.limits('deform_attn')
+    layout = limits['backward_shared_bytes' if backward else 'forward_shared_bytes']
+    inside_dim = (reduced_shared_memory_limit - layout['fixed']) // layout['per_head_dim']
+    if inside_dim >= limits['max_head_dim']:
+        pytest.skip('this GPU has the shared memory for every head_dim that the kernel takes')
+    options = dict(limits=limits, shared_memory_limit=reduced_shared_memory_limit, backward=backward)
+    inside = make_inputs(1, 2, 1, 5, 6, inside_dim, (5, 5), dtype=torch.float32, device=cuda_target.device)
+    assert refusal_of(inside, 'cuda', **options) is None
+    grad_out = torch.randn(inside['q'].shape, device=cuda_target.device, generator=cuda_target.generator(3))
+    expected_out, expected_grads = reference_outputs_and_grads(inside, 0.5, grad_out)
+    if backward:
+        out, grads = fused_outputs_and_grads(inside, 0.5, grad_out, cuda_target.op('deform_attn'))
+        assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+    else:
+        out = fused(*inside.values(), 0.5, cuda_target.op('deform_attn'))
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+
+    beyond = make_inputs(1, 2, 1, 5, 6, inside_dim + 1, (5, 5), dtype=torch.float32, device=cuda_target.device)
+    refusal = refusal_of(beyond, 'cuda', **options)
+    if backward:  # the forward still fits: the backward kernel refuses
+        out, logsumexp = cuda_target.op('deform_attn')(*beyond.values(), 0.5)
+        assert_kernel_refuses(lambda: cuda_target.op('deform_attn_backward')(out, *beyond.values(), out, logsumexp,
+                                                                             0.5), refusal)
+    else:
+        assert_kernel_refuses(lambda: fused(*beyond.values(), 0.5, cuda_target.op('deform_attn')), refusal)
+    assert_cuda_choice(monkeypatch, caplog, 'deform_attn', refusal)
 
 
 @pytest.mark.skipif(not CUDA_OP, reason='needs a CUDA device and dat._C built with CUDA kernels')
-def test_cuda_dispatch_of_unsupported_dtype():
-    inputs = make_inputs(2, 6, 3, 150, 140, 32, (27, 27), dtype=torch.float64, device='cuda')
-    with pytest.raises(RuntimeError, match='cannot take this call: no cuda kernel for torch.float64'):
-        deformable_attention(**inputs, impl='fused')
+@pytest.mark.parametrize('dtype, head_dim', [(torch.float64, 32), (torch.float32, 129)])
+def test_cuda_auto_takes_reference_beyond_a_limit(caplog, dtype, head_dim):
+    inputs = make_inputs(2, 6, 3, 150, 140, head_dim, (27, 27), dtype=dtype, device='cuda')
+    refusal = refusal_of(inputs, 'cuda')
+    out = assert_auto_takes_reference(caplog, lambda: deformable_attention(**inputs, scale=0.5, impl='auto'),
+                                      'deform_attn', 'cuda', refusal)
+    torch.testing.assert_close(out, deformable_attention_reference(**inputs, scale=0.5))
+    assert_kernel_refuses(lambda: deformable_attention(**inputs, scale=0.5, impl='fused'), refusal)

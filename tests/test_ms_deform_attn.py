@@ -8,8 +8,9 @@ from torch import nn
 
 from dat.layers import MSDeformAttn, level_pixel_centres
 from dat.ops import multi_scale_deformable_attention
-from dat.ops.ms_deform_attn import ms_deform_attn_reference
-from dat.ops._extension import native_op_available
+from dat.ops.ms_deform_attn import KERNEL_LIMITS, fused_problem, fused_refusal, ms_deform_attn_reference
+from dat.ops._extension import dtype_name, native_op_available
+from kernel_limits import assert_auto_takes_reference, assert_cuda_choice, assert_kernel_refuses
 
 FUSED_CPU = native_op_available('ms_deform_attn', 'cpu')
 FUSED_CUDA = torch.cuda.is_available() and native_op_available('ms_deform_attn', 'cuda')
@@ -210,20 +211,75 @@ def test_bad_inputs_raise_clear_errors(corrupt, error, message):
             torch.ops.dat.ms_deform_attn(*inputs)
 
 
+# --- kernel limits: every limit of the kernels (`fused_refusal`), from both sides (tests/kernel_limits.py) ---------
+
+def refusal_of(inputs, device='cpu', limits=None):
+    """What `fused_refusal` says of the call `inputs` (make_inputs' tuple) on the `device` kernel."""
+    return fused_refusal(device, inputs[0].dtype, limits=limits, **fused_problem(*inputs))
+
+
+def brute_force_of_rounded(inputs):
+    """The definition in float64 on the inputs as they are (rounded to their dtype)."""
+    value, shapes, starts, locations, weights = inputs
+    return brute_force(value.double().cpu(), shapes.cpu(), starts.cpu(), locations.double().cpu(),
+                       weights.double().cpu())
+
+
+# Dtypes beyond the CPU kernel's: the half types it is not built for, and float8, which no kernel takes.
+CPU_DTYPES_BEYOND = [dtype for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+                     if FUSED_CPU and dtype_name(dtype) not in KERNEL_LIMITS['cpu']['dtypes']]
+
+
 @needs_fused_cpu
-def test_cpu_kernel_refuses_half_precision():
-    value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2)
-    with pytest.raises(TypeError, match='^dat::ms_deform_attn: the CPU kernel supports float32 and float64'):
-        torch.ops.dat.ms_deform_attn(value.half(), shapes, starts, locations.half(), weights.half())
+@pytest.mark.parametrize('dtype', CPU_DTYPES_BEYOND, ids=dtype_name)
+def test_cpu_limit_dtype(caplog, dtype):
+    assert refusal_of(make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2, dtype=torch.float32)) is None
+    inputs = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2, dtype=dtype)
+    refusal = refusal_of(inputs)
+    assert_kernel_refuses(lambda: torch.ops.dat.ms_deform_attn(*inputs), refusal)
+    assert_kernel_refuses(lambda: multi_scale_deformable_attention(*inputs, impl='fused'), refusal)
+    if dtype == torch.float8_e4m3fn:
+        return  # the reference has no float8 arithmetic either
+    out = assert_auto_takes_reference(caplog, lambda: multi_scale_deformable_attention(*inputs, impl='auto'),
+                                      'ms_deform_attn', 'cpu', refusal)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), brute_force_of_rounded(inputs), rtol=2e-2, atol=2e-2)
 
 
-def test_fused_request_on_unsupported_dtype_is_an_error():
-    value, shapes, starts, locations, weights = make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match='fused dat::ms_deform_attn'):
-        multi_scale_deformable_attention(value, shapes, starts, locations, weights, impl='fused')
-    # 'auto' falls back to the reference for dtypes the fused kernel does not take.
-    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, starts, locations, weights, impl='auto'),
-                               ms_deform_attn_reference(value, shapes, starts, locations, weights))
+def expanded_rows(queries, device):
+    """One 1 x 1 level and `queries` queries of one head, expanded from one element: nothing large is allocated,
+    and the kernels refuse sizes beyond their limits before they copy or allocate anything."""
+    one = torch.zeros((), device=device)
+    return (one.expand(1, 1, 1, 1), torch.tensor([[1, 1]], device=device), torch.tensor([0], device=device),
+            one.expand(1, queries, 1, 1, 1, 2), one.expand(1, queries, 1, 1, 1))
+
+
+# Calls just beyond and just inside each limit of the CUDA kernel, on a device; the levels limit's inside call
+# runs (tiny levels) and matches the definition.
+TINY_LEVELS = [(1 + level % 3, 1 + level % 2) for level in range(17)]
+CUDA_LIMITS = {
+    'dtype': (lambda device: make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2, dtype=torch.float8_e4m3fn, device=device),
+              lambda device: make_inputs(TINY_SHAPES, 1, 2, 2, 3, 2, dtype=torch.float32, device=device)),
+    'levels': (lambda device: make_inputs(TINY_LEVELS, 1, 3, 2, 4, 2, device=device),
+               lambda device: make_inputs(TINY_LEVELS[:16], 1, 3, 2, 4, 2, device=device)),
+    # 8 rows per block and at most 2^31 - 1 blocks
+    'rows': (lambda device: expanded_rows(8 * (2 ** 31 - 1) + 1, device),
+             lambda device: expanded_rows(8 * (2 ** 31 - 1), device)),
+}
+
+
+@pytest.mark.parametrize('limit', CUDA_LIMITS)
+def test_cuda_limit(cuda_target, monkeypatch, caplog, limit):
+    make_beyond, make_inside = CUDA_LIMITS[limit]
+    limits = cuda_target.limits('ms_deform_attn')
+    inside = make_inside(cuda_target.device)
+    assert refusal_of(inside, 'cuda', limits) is None
+    if limit == 'levels':
+        torch.testing.assert_close(cuda_target.op('ms_deform_attn')(*inside).cpu(), brute_force_of_rounded(inside))
+    beyond = make_beyond(cuda_target.device)
+    refusal = refusal_of(beyond, 'cuda', limits)
+    assert_kernel_refuses(lambda: cuda_target.op('ms_deform_attn')(*beyond), refusal)
+    assert_cuda_choice(monkeypatch, caplog, 'ms_deform_attn', refusal)
 
 
 # CUDA kernels, on a GPU and emulated on the CPU (tests/kernel_targets.py).

@@ -1,10 +1,13 @@
 """Neighborhood attention: reference and fused op against a brute-force definition and each other."""
 import functools
+import math
 
 import pytest
 import torch
 
 from dat.ops import native_op_available, neighborhood_attention, neighborhood_attention_reference
+from dat.ops.neighborhood_attn import fused_problem, fused_refusal
+from kernel_limits import assert_cuda_choice, assert_kernel_refuses
 
 FUSED_CPU = native_op_available('neighborhood_attn', 'cpu')
 needs_fused_cpu = pytest.mark.skipif(not FUSED_CPU, reason='dat._C built without the neighborhood_attn CPU kernel')
@@ -213,3 +216,86 @@ def test_cuda_gradcheck_and_opcheck(cuda_target):
     op = cuda_target.op('neighborhood_attn')
     assert torch.autograd.gradcheck(lambda q, k, v, rpb: op(q, k, v, rpb, 3, 2, 0.8)[0], inputs)
     torch.library.opcheck(op.default, (*inputs, 3, 1, 0.5))
+
+
+# --- kernel limits: every limit of the kernels (`fused_refusal`), from both sides (tests/kernel_limits.py) ---------
+# Both kernels take every floating dtype but float8, which the reference has no arithmetic for either.
+
+def refusal_of(inputs, kernel_size, device='cpu', **options):
+    """What `fused_refusal` says of the call (q, k, v, rpb) = `inputs` with `kernel_size` on the `device` kernel;
+    `options` are its further keywords (limits, shared_memory_limit) or override the call's sizes."""
+    problem = dict(fused_problem(*inputs, kernel_size, 1), **options)
+    return fused_refusal(device, inputs[0].dtype, **problem)
+
+
+def float8_inputs(device):
+    return [t.to(torch.float8_e4m3fn) for t in make_inputs(1, 2, 8, 8, 4, 3, device=device)]
+
+
+@needs_fused_cpu
+def test_cpu_limit_dtype():
+    assert refusal_of(make_inputs(1, 2, 8, 8, 4, 3), 3) is None
+    inputs = float8_inputs('cpu')
+    refusal = refusal_of(inputs, 3)
+    assert_kernel_refuses(lambda: torch.ops.dat.neighborhood_attn(*inputs, 3, 1, 0.5), refusal)
+    assert_kernel_refuses(lambda: neighborhood_attention(*inputs, 3, impl='fused'), refusal)
+
+
+def expanded_inputs(batch, heads, height, width, kernel_size, device):
+    """fp32 q, k, v, rpb of these sizes (head_dim 1), each expanded from one element: nothing large is allocated,
+    and the kernels refuse sizes beyond their limits before they copy or allocate anything."""
+    one = torch.zeros((), device=device)
+    side = 2 * kernel_size - 1
+    return [one.expand(batch, heads, height, width, 1)] * 3 + [one.expand(heads, side, side)]
+
+
+# Calls just beyond and just inside each limit of the CUDA kernels but shared memory, on a device: (inputs,
+# kernel_size) pairs. The forward runs one warp per query, 4 per block; the backward's bias kernel one block per
+# entry of the heads x (2k - 1)^2 table; grids hold at most 2^31 - 1 blocks.
+CUDA_LIMITS = {
+    'dtype': (lambda device: (float8_inputs(device), 3),
+              lambda device: (make_inputs(1, 2, 8, 8, 4, 3, dtype=torch.float32, device=device), 3)),
+    'queries': (lambda device: (expanded_inputs(1, 1, 3, 2863311530, 3, device), 3),
+                lambda device: (expanded_inputs(1, 1, 3, 2863311529, 3, device), 3)),
+    'bias_table_entries': (lambda device: (expanded_inputs(1, 85899346, 3, 3, 3, device), 3),
+                           lambda device: (expanded_inputs(1, 85899345, 3, 3, 3, device), 3)),
+}
+
+
+@pytest.mark.parametrize('limit', CUDA_LIMITS)
+def test_cuda_limit(cuda_target, shared_memory_limit, monkeypatch, caplog, limit):
+    make_beyond, make_inside = CUDA_LIMITS[limit]
+    options = dict(limits=cuda_target.limits('neighborhood_attn'), shared_memory_limit=shared_memory_limit,
+                   backward=True)
+    inside, kernel_size = make_inside(cuda_target.device)
+    assert refusal_of(inside, kernel_size, 'cuda', **options) is None
+    (q, k, v, rpb), kernel_size = make_beyond(cuda_target.device)
+    refusal = refusal_of((q, k, v, rpb), kernel_size, 'cuda', **options)
+    if limit == 'bias_table_entries':  # a limit of the backward alone
+        assert refusal_of((q, k, v, rpb), kernel_size, 'cuda', **dict(options, backward=False)) is None
+        attn = torch.zeros((), device=q.device).expand(*q.shape[:4], kernel_size ** 2)
+        kernel, args = cuda_target.op('neighborhood_attn_backward'), (q, q, k, v, attn, kernel_size, 1, 1.0)
+    else:
+        kernel, args = cuda_target.op('neighborhood_attn'), (q, k, v, rpb, kernel_size, 1, 1.0)
+    assert_kernel_refuses(lambda: kernel(*args), refusal)
+    assert_cuda_choice(monkeypatch, caplog, 'neighborhood_attn', refusal)
+
+
+def test_cuda_limit_shared_memory(cuda_target, reduced_shared_memory_limit, monkeypatch, caplog):
+    # Each warp keeps its query's window of k * k logits in shared memory, in the accumulation dtype: the
+    # largest window that fits the device runs and matches the reference, the next one (k + 2) is refused.
+    limits = cuda_target.limits('neighborhood_attn')
+    slot_bytes = limits['warps_per_block'] * limits['accumulator_bytes']['float64']
+    inside_k = math.isqrt(reduced_shared_memory_limit // slot_bytes)
+    inside_k -= 1 - inside_k % 2  # the largest odd one
+    options = dict(limits=limits, shared_memory_limit=reduced_shared_memory_limit)
+    inside = make_inputs(1, 1, inside_k, inside_k, 2, inside_k, device=cuda_target.device)
+    assert refusal_of(inside, inside_k, 'cuda', **options) is None
+    fused = _forward_backward('fused', inside, inside_k, 1, cuda_target.op('neighborhood_attn'))
+    for a, b in zip(fused, _forward_backward('reference', inside, inside_k, 1)):
+        torch.testing.assert_close(a, b)
+
+    beyond = make_inputs(1, 1, inside_k + 2, inside_k + 2, 2, inside_k + 2, device=cuda_target.device)
+    refusal = refusal_of(beyond, inside_k + 2, 'cuda', **options)
+    assert_kernel_refuses(lambda: cuda_target.op('neighborhood_attn')(*beyond, inside_k + 2, 1, 1.0), refusal)
+    assert_cuda_choice(monkeypatch, caplog, 'neighborhood_attn', refusal)

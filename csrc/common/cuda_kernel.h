@@ -49,16 +49,25 @@ inline size_t max_shared_bytes() {
 }
 
 // The one shared-memory policy of dat's kernels: a launch may use up to the device's opt-in limit; beyond
-// it the call is refused with an error naming the op. Above the default 48 KB the kernel opts in to the
-// device's whole limit rather than to this launch's size, so that a concurrent launch from another host
-// thread needing less can never lower the limit under this one.
-template <typename Kernel>
-void reserve_shared_bytes(Kernel* kernel, size_t bytes, const char* op_name) {
+// it the call is refused with an error naming the op. Kernels check it before they allocate anything
+// (check_shared_bytes, which their exported limits describe: `default_shared_bytes` and the device's
+// opt-in limit) and again when they launch (reserve_shared_bytes).
+inline void check_shared_bytes(size_t bytes, const char* op_name) {
   if (bytes <= kDefaultSharedBytes) return;
   const size_t limit = max_shared_bytes();
   TORCH_CHECK_VALUE(bytes <= limit, op_name, ": needs ", bytes,
                     " bytes of shared memory per block on this GPU, which allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+}
+
+// Checks `bytes` as above and lets `kernel` use them. Above the default 48 KB the kernel opts in to the
+// device's whole limit rather than to this launch's size, so that a concurrent launch from another host
+// thread needing less can never lower the limit under this one.
+template <typename Kernel>
+void reserve_shared_bytes(Kernel* kernel, size_t bytes, const char* op_name) {
+  check_shared_bytes(bytes, op_name);
+  if (bytes <= kDefaultSharedBytes) return;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_shared_bytes())));
 }
 
 }  // namespace dat

@@ -16,8 +16,6 @@
 namespace dat {
 namespace ms_deform_attn {
 
-namespace {
-
 Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   TORCH_CHECK_VALUE(value.dim() == 4, "dat::ms_deform_attn: value must be (N, S, heads, head_dim), got shape ",
@@ -60,6 +58,8 @@ Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, 
   return size;
 }
 
+namespace {
+
 LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                               const Problem& size) {
   const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
@@ -87,10 +87,10 @@ LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor
 
 }  // namespace
 
-Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Problem size = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  return {size, read_level_layout(spatial_shapes, level_start_index, size), value.contiguous(),
+Inputs prepare_inputs(const Problem& problem, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                      const at::Tensor& attention_weights) {
+  return {problem, read_level_layout(spatial_shapes, level_start_index, problem), value.contiguous(),
           sampling_locations.contiguous(), attention_weights.contiguous()};
 }
 

@@ -35,11 +35,16 @@ struct Inputs {
   at::Tensor attention_weights;
 };
 
-// Checks ranks, sizes, dtypes and devices of the forward inputs, and that the levels tile the value
-// exactly: positive sizes, starts at the running sum of H * W, total S. Reading the level geometry is
-// a device-to-host copy when it lives on a GPU.
-Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
+// Checks ranks, sizes, dtypes and devices of the forward inputs and returns the problem sizes; a kernel then
+// checks its own limits on them, before prepare_inputs copies anything.
+Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                     const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
+
+// Checks that the levels tile the value of the checked `problem` exactly: positive sizes, starts at the
+// running sum of H * W, total S. Reading the level geometry is a device-to-host copy when it lives on a GPU.
+Inputs prepare_inputs(const Problem& problem, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                      const at::Tensor& attention_weights);
 
 // Checks grad_output against the problem size (dtype, device and shape (N, Lq, M * D)).
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& size);

@@ -74,15 +74,16 @@ inline Problem check_backward_inputs(const at::Tensor& grad_out, const at::Tenso
   return problem;
 }
 
-// Inputs made contiguous, the output and the attention probabilities (in the accumulation dtype).
+// Inputs made contiguous, the output and the attention probabilities (in the accumulation dtype), for a
+// `problem` that check_inputs and then the kernel's limits accepted.
 struct ForwardTensors {
   Problem problem;
   at::Tensor q, k, v, rpb, out, attn;
 };
 
-inline ForwardTensors prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& rpb, int64_t kernel_size, int64_t dilation) {
-  ForwardTensors t{check_inputs(q, k, v, rpb, kernel_size, dilation),
+inline ForwardTensors prepare_forward(const Problem& problem, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& rpb) {
+  ForwardTensors t{problem,
                    q.contiguous(),
                    k.contiguous(),
                    v.contiguous(),
@@ -90,23 +91,23 @@ inline ForwardTensors prepare_forward(const at::Tensor& q, const at::Tensor& k, 
                    {},
                    {}};
   t.out = at::empty_like(t.q, at::MemoryFormat::Contiguous);
-  t.attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), kernel_size * kernel_size},
+  t.attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), problem.window()},
                      q.options().dtype(at::toOpMathType(q.scalar_type())));
   return t;
 }
 
 // Inputs made contiguous, the gradients, and the logit gradients dS (accumulation dtype) that the
-// query-side pass writes and the key-side and bias passes read.
+// query-side pass writes and the key-side and bias passes read, for a `problem` that check_backward_inputs
+// and then the kernel's limits accepted.
 struct BackwardTensors {
   Problem problem;
   at::Tensor grad_out, q, k, v, attn, grad_q, grad_k, grad_v, grad_rpb, grad_logits;
 };
 
-inline BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
-                                        int64_t dilation) {
+inline BackwardTensors prepare_backward(const Problem& problem, const at::Tensor& grad_out, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& attn) {
   BackwardTensors t;
-  t.problem = check_backward_inputs(grad_out, q, k, v, attn, kernel_size, dilation);
+  t.problem = problem;
   t.grad_out = grad_out.contiguous();
   t.q = q.contiguous();
   t.k = k.contiguous();
@@ -115,7 +116,7 @@ inline BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Te
   t.grad_q = at::empty_like(t.q);
   t.grad_k = at::empty_like(t.q);
   t.grad_v = at::empty_like(t.q);
-  t.grad_rpb = at::empty({q.size(1), 2 * kernel_size - 1, 2 * kernel_size - 1}, q.options());
+  t.grad_rpb = at::empty({q.size(1), problem.table_side(), problem.table_side()}, q.options());
   t.grad_logits = at::empty_like(t.attn);
   return t;
 }

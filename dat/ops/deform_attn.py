@@ -9,25 +9,23 @@ size (it is trained at one resolution and used at every other).
 
 Shapes: q (B, M, Nq, D); k, v (B, M, Nk, D); kpos (B, G, Nk, 2); qpos (Nq, 2); rpe (M, Th, Tw) or None.
 """
-from typing import Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_refusal,
+                         read_kernel_limits, resolve_impl, shared_memory_refusal)
 
-OP = 'dat::deform_attn'
+OP_NAME = 'deform_attn'
+OP = f'dat::{OP_NAME}'
 # Table cells are indexed with int32 in the kernels.
 MAX_TABLE_ELEMENTS = 2 ** 31 - 1
 # Elements of one (queries x keys) score block in the reference; bounds its peak memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 22
-
-# Input dtypes the fused kernels are built for, per device type.
-FUSED_DTYPES = {
-    'cpu': (torch.float32, torch.float64),
-    'cuda': (torch.float32, torch.float16, torch.bfloat16),
-}
+# What each built kernel exports about the calls it takes, per device type (see `fused_refusal`).
+KERNEL_LIMITS = read_kernel_limits(OP_NAME)
 
 
 def check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe) -> None:
@@ -105,15 +103,69 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
     return torch.cat(outputs, dim=2)
 
 
+def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, queries: int,
+                  keys: int, head_dim: int, table_height: int = 0, table_width: int = 0, backward: bool = False,
+                  limits: Optional[dict] = None, shared_memory_limit: Optional[int] = None) -> Optional[Refusal]:
+    """Why the fused kernel for `device` refuses a call of these sizes, or None when it takes it: the checks of
+    its `check_limits` (csrc/deform_attn/<device>/), in their order and with their messages, over the limits it
+    exports. A table of 0 x 0 is no table.
+
+    `backward` asks about the backward kernel too (autograd will run it); `limits` and `shared_memory_limit`
+    default to this build's kernel and to the device's opt-in shared memory per block.
+    """
+    device = torch.device(device)
+    limits = KERNEL_LIMITS.get(device.type) if limits is None else limits
+    refusal = dtype_refusal(OP, device.type, dtype, limits)
+    if refusal is not None:
+        return refusal
+    if device.type == 'cpu':
+        padding = limits['cell_padding']
+        cells = (table_height + padding) * (table_width + padding) * limits['coefficients_per_cell']
+        if cells > limits['max_cell_coefficients']:
+            return Refusal(f'{OP}: the CPU kernel cannot index a relative-position table of {table_height} x '
+                           f'{table_width} (too large)')
+        return None
+    if head_dim > limits['max_head_dim']:
+        return Refusal(f'{OP}: the CUDA kernel supports head_dim up to {limits["max_head_dim"]}, got {head_dim}')
+    if batch * heads > limits['max_batch_heads']:
+        return Refusal(f'{OP}: the CUDA kernel supports batch x heads up to {limits["max_batch_heads"]}, '
+                       f'got {batch * heads}')
+    if queries > limits['max_tokens'] or keys > limits['max_tokens']:
+        return Refusal(f'{OP}: the CUDA kernel supports up to {limits["max_tokens"]} queries and keys, '
+                       f'got {queries} and {keys}')
+
+    def shared_refusal(kernel: str, layout: str) -> Optional[Refusal]:
+        need = limits[layout]['fixed'] + limits[layout]['per_head_dim'] * head_dim
+        return shared_memory_refusal(kernel, need, limits, device, shared_memory_limit)
+
+    refusal = shared_refusal(OP, 'forward_shared_bytes')
+    if refusal is None and backward:
+        refusal = shared_refusal(f'{OP}_backward', 'backward_shared_bytes')
+    return refusal
+
+
+def fused_problem(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor]) -> Dict[str, Any]:
+    """The sizes of a call that the fused kernels' limits depend on (the keywords of `fused_refusal`), once the
+    op's checks passed; while torch.compile traces, the op's fake kernel checks instead."""
+    if not torch.compiler.is_compiling():
+        check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
+    batch, heads, queries, head_dim = q.shape
+    table_height, table_width = rpe.shape[1:] if rpe is not None else (0, 0)
+    return dict(batch=batch, heads=heads, queries=queries, keys=k.shape[2], head_dim=head_dim,
+                table_height=table_height, table_width=table_width,
+                backward=autograd_will_run(q, k, v, kpos, qpos, rpe))
+
+
 def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                          impl: Optional[str] = None) -> torch.Tensor:
     """Dispatch to the fused `dat::deform_attn` op or the pure-PyTorch reference (see module docstring).
 
-    `impl` is 'auto' (default: fused when built for the device and dtype), 'fused' or 'reference';
-    when None, the `DAT_ATTN_IMPL` environment variable decides.
+    `impl` is 'auto' (default: fused where it is built for the device and its kernel takes the call, see
+    `fused_refusal`), 'fused' or 'reference'; when None, the `DAT_ATTN_IMPL` environment variable decides.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_impl(impl, 'deform_attn', q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
+    if resolve_impl(impl, OP_NAME, q.device.type,
+                    lambda: fused_refusal(q.device, q.dtype, **fused_problem(q, k, v, kpos, qpos, rpe))) == 'fused':
         return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
@@ -151,4 +203,4 @@ def _backward(ctx, backward_op, grad_out, _grad_logsumexp):
     return grad_q, grad_k, grad_v, grad_kpos, None, grad_rpe if rpe is not None else None, None
 
 
-bind_fused_op(FusedOpBinding('deform_attn', _fake_forward, _fake_backward, _setup_context, _backward))
+bind_fused_op(FusedOpBinding(OP_NAME, _fake_forward, _fake_backward, _setup_context, _backward))

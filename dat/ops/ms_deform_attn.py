@@ -9,19 +9,18 @@ location (x, y) in [0, 1], i.e. pixel coordinate (x * W_l - 0.5, y * H_l - 0.5) 
 align_corners=False convention), with zeros outside the level. Sampling locations are
 (N, Lq, M, L, P, 2) (x, y) pairs; attention weights are (N, Lq, M, L, P); the output is (N, Lq, M * D).
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
+from ._extension import (FusedOpBinding, Refusal, bind_fused_op, dtype_refusal, grid_refusal, read_kernel_limits,
+                         resolve_impl)
 
 OP_NAME = 'ms_deform_attn'
 OP = f'dat::{OP_NAME}'
-FUSED_DTYPES = {
-    'cpu': (torch.float32, torch.float64),
-    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
+# What each built kernel exports about the calls it takes, per device type (see `fused_refusal`).
+KERNEL_LIMITS = read_kernel_limits(OP_NAME)
 
 
 def _check(condition, message, kind=torch._check_value) -> None:
@@ -97,22 +96,46 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return output.reshape(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
+def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, queries: int, heads: int,
+                  levels: int, limits: Optional[dict] = None) -> Optional[Refusal]:
+    """Why the fused kernel for `device` refuses a call of these sizes, or None when it takes it: the checks of
+    its `check_limits` (csrc/ms_deform_attn/<device>/), in their order and with their messages, over the limits
+    it exports (`limits` defaults to this build's kernel). Its backward has the same limits."""
+    device = torch.device(device)
+    limits = KERNEL_LIMITS.get(device.type) if limits is None else limits
+    refusal = dtype_refusal(OP, device.type, dtype, limits)
+    if refusal is not None or device.type == 'cpu':
+        return refusal
+    if levels > limits['max_levels']:
+        return Refusal(f'{OP}: the CUDA kernel takes at most {limits["max_levels"]} levels, got {levels}')
+    return grid_refusal(OP, batch * queries * heads, limits['rows_per_block'], '(batch, query, head) rows',
+                        limits['max_blocks'])
+
+
+def fused_problem(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> Dict[str, int]:
+    """The sizes of a call that the fused kernels' limits depend on (the keywords of `fused_refusal`), once the
+    op's checks that need no tensor data passed; while torch.compile traces, the op's fake kernel checks instead."""
+    if not torch.compiler.is_compiling():
+        check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    batch, queries, heads, levels = sampling_locations.shape[:4]
+    return dict(batch=batch, queries=queries, heads=heads, levels=levels)
+
+
 def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights, impl: Optional[str] = None) -> torch.Tensor:
     """Dispatch to the fused `dat::ms_deform_attn` op or the reference (see the module docstring).
 
-    `impl` is 'auto' (fused where built for the device and dtype), 'fused' (an error where it is not)
-    or 'reference'; None defers to $DAT_ATTN_IMPL. Both read `spatial_shapes` and `level_start_index`
-    on the host: keeping them on the CPU saves a device-to-host copy per call on a GPU. The CUDA
-    kernel takes at most 16 levels.
+    `impl` is 'auto' (fused where it is built for the device and its kernel takes the call, see
+    `fused_refusal`), 'fused' (an error where it is not) or 'reference'; None defers to $DAT_ATTN_IMPL.
+    Both read `spatial_shapes` and `level_start_index` on the host: keeping them on the CPU saves a
+    device-to-host copy per call on a GPU.
     """
+    inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if resolve_impl(impl, OP_NAME, value.device.type,
-                    unsupported_dtype(value.dtype, value.device.type, FUSED_DTYPES)) == 'fused':
-        return torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                            attention_weights)
-    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights)
+                    lambda: fused_refusal(value.device, value.dtype, **fused_problem(*inputs))) == 'fused':
+        return torch.ops.dat.ms_deform_attn(*inputs)
+    check_ms_deform_attn_inputs(*inputs)
+    return ms_deform_attn_reference(*inputs)
 
 
 def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

@@ -19,18 +19,17 @@ This is natten 0.14's get_window_start / get_pb_start, restated in group coordin
 before calling natten, so its port passes scale=1.0 on a pre-scaled q, or the scale here on a raw q.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_name, dtype_refusal,
+                         grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'neighborhood_attn'
 OP = f'dat::{OP_NAME}'
-FUSED_DTYPES = {
-    'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
+# What each built kernel exports about the calls it takes, per device type (see `fused_refusal`).
+KERNEL_LIMITS = read_kernel_limits(OP_NAME)
 # Elements of one gathered (queries x window x head_dim) block in the reference; bounds its forward memory.
 REFERENCE_BLOCK_ELEMENTS = 1 << 23
 
@@ -111,11 +110,52 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
     return out.reshape(B, M, H, W, D)
 
 
+def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, height: int,
+                  width: int, kernel_size: int, backward: bool = False, limits: Optional[dict] = None,
+                  shared_memory_limit: Optional[int] = None) -> Optional[Refusal]:
+    """Why the fused kernel for `device` refuses a call of these sizes, or None when it takes it: the checks of
+    its `check_limits` (csrc/neighborhood_attn/<device>/), in their order and with their messages, over the
+    limits it exports.
+
+    `backward` asks about the backward kernels too (autograd will run them); `limits` and `shared_memory_limit`
+    default to this build's kernel and to the device's opt-in shared memory per block.
+    """
+    device = torch.device(device)
+    limits = KERNEL_LIMITS.get(device.type) if limits is None else limits
+    refusal = dtype_refusal(OP, device.type, dtype, limits)
+    if refusal is not None or device.type == 'cpu':
+        return refusal
+    warps = limits['warps_per_block']  # one query per warp, whose attention row is in shared memory
+    window_bytes = warps * kernel_size * kernel_size * limits['accumulator_bytes'][dtype_name(dtype)]
+    refusal = (grid_refusal(OP, batch * heads * height * width, warps, 'queries', limits['max_blocks'])
+               or shared_memory_refusal(OP, window_bytes, limits, device, shared_memory_limit))
+    if refusal is None and backward:
+        # The backward's bias kernel runs one block per entry of the bias table.
+        bias_entries = heads * (2 * kernel_size - 1) ** 2
+        refusal = grid_refusal(f'{OP}_backward', bias_entries, 1, 'bias-table entries', limits['max_blocks'])
+    return refusal
+
+
+def fused_problem(q, k, v, rpb, kernel_size: int, dilation: int) -> Dict[str, Any]:
+    """The sizes of a call that the fused kernels' limits depend on (the keywords of `fused_refusal`), once the
+    op's checks passed; while torch.compile traces, the op's fake kernel checks instead."""
+    if not torch.compiler.is_compiling():
+        check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    batch, heads, height, width, _ = q.shape
+    return dict(batch=batch, heads=heads, height=height, width=width, kernel_size=kernel_size,
+                backward=autograd_will_run(q, k, v, rpb))
+
+
 def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
                            impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatch to the fused `dat::neighborhood_attn` op or the pure-PyTorch reference (see module docstring)."""
+    """Dispatch to the fused `dat::neighborhood_attn` op or the pure-PyTorch reference (see module docstring).
+
+    `impl` is 'auto' (fused where it is built for the device and its kernel takes the call, see
+    `fused_refusal`), 'fused' or 'reference'; None defers to $DAT_ATTN_IMPL.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_impl(impl, OP_NAME, q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
+    if resolve_impl(impl, OP_NAME, q.device.type, lambda: fused_refusal(
+            q.device, q.dtype, **fused_problem(q, k, v, rpb, kernel_size, dilation))) == 'fused':
         out, _ = torch.ops.dat.neighborhood_attn(q.contiguous(), k.contiguous(), v.contiguous(), rpb.contiguous(),
                                                  kernel_size, dilation, scale)
         return out

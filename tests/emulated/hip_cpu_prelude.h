@@ -9,8 +9,9 @@
 //    shared memory it did not write computes NaN and fails its test;
 //  * warps: CUDA's 32-lane *_sync shuffles on HIP-CPU's 64-lane warps (an xor shuffle by less than 32
 //    stays inside its 32-lane half); __syncwarp becomes a block barrier (HIP-CPU's shuffles are too);
-//  * the CUDA runtime calls dat uses, against an emulated device with an H100's shared-memory limits;
-//    the c10/cuda headers are replaced by the stubs in tests/emulated/include.
+//  * the CUDA runtime calls dat uses, against an emulated device with an H100's shared-memory limits (or
+//    the opt-in limit that $DAT_EMULATED_SHARED_OPTIN_BYTES names, so that tests reach kernel limits of
+//    smaller GPUs); the c10/cuda headers are replaced by the stubs in tests/emulated/include.
 #pragma once
 
 // ATen first, while neither __CUDACC__ nor __HIPCC__ is defined, so c10 takes its plain host definitions.
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -60,7 +62,13 @@ inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error
 namespace dat_emulation {
 
 constexpr int kDefaultSharedBytes = 48 * 1024;
-constexpr int kOptInSharedBytes = 227 * 1024;  // an H100's opt-in limit per block
+constexpr int kH100OptInSharedBytes = 227 * 1024;  // an H100's opt-in limit per block
+
+// The emulated device's opt-in limit per block, read at every query so that a test can set it.
+inline int opt_in_shared_bytes() {
+  const char* bytes = std::getenv("DAT_EMULATED_SHARED_OPTIN_BYTES");
+  return bytes != nullptr ? std::atoi(bytes) : kH100OptInSharedBytes;
+}
 
 // Thread (0, 0, 0) runs first in every HIP-CPU block, before any other thread of it starts.
 inline void poison_at_block_start(std::byte* storage, size_t bytes) {
@@ -91,13 +99,13 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = dat_emulation::kOptInSharedBytes;
+  *value = dat_emulation::opt_in_shared_bytes();
   return cudaSuccess;
 }
 
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute, int bytes) {
-  TORCH_CHECK(bytes <= dat_emulation::kOptInSharedBytes, "emulated cudaFuncSetAttribute: ", bytes,
+  TORCH_CHECK(bytes <= dat_emulation::opt_in_shared_bytes(), "emulated cudaFuncSetAttribute: ", bytes,
               " bytes is above the device's opt-in limit");
   const std::lock_guard<std::mutex> lock(dat_emulation::opted_in_mutex());
   dat_emulation::opted_in_shared_bytes()[reinterpret_cast<const void*>(kernel)] = bytes;

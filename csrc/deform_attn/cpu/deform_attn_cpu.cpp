@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/kernel_limits.h"
 #include "common/library.h"
 #include "deform_attn/deform_attn.h"
 #include "deform_attn/deform_attn_math.h"
@@ -59,6 +60,7 @@ struct Tiling {
 // four real-or-zero corners, and cell 0 (all zero) stands for every pair outside the table: sampling
 // needs no bounds checks, and such pairs' gradients go to coefficients that are thrown away.
 constexpr int32_t kCellPadding = 2;
+constexpr int64_t kCoefficientsPerCell = 4;
 
 struct CellGrid {
   int64_t rows;
@@ -66,14 +68,29 @@ struct CellGrid {
 
   CellGrid(int64_t table_height, int64_t table_width)
       : rows(table_height + kCellPadding), columns(table_width + kCellPadding) {}
-  int64_t size() const { return rows * columns * 4; }  // coefficients per head
+  int64_t size() const { return rows * columns * kCoefficientsPerCell; }  // coefficients per head
 };
 
-// Pair cells hold int32 coefficient offsets.
-void check_cell_offsets_fit(const Problem& geometry) {
-  TORCH_CHECK_VALUE(CellGrid(geometry.table_height, geometry.table_width).size() <= std::numeric_limits<int32_t>::max(),
+// The limits of these kernels (common/kernel_limits.h): the dtypes they are built for, and pair cells
+// hold int32 coefficient offsets, so a head's coefficients must be indexable with int32.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
+constexpr int64_t kMaxCellCoefficients = kMaxInt32;
+
+void check_limits(const Problem& geometry, at::ScalarType dtype) {
+  check_kernel_dtype(dtype, kDtypes, "dat::deform_attn", "CPU");
+  TORCH_CHECK_VALUE(CellGrid(geometry.table_height, geometry.table_width).size() <= kMaxCellCoefficients,
                     "dat::deform_attn: the CPU kernel cannot index a relative-position table of ",
                     geometry.table_height, " x ", geometry.table_width, " (too large)");
+}
+
+// What check_limits enforces, for dat/ops/deform_attn.py.
+std::string limits_json() {
+  return LimitsJson()
+      .dtypes("dtypes", kDtypes)
+      .number("cell_padding", kCellPadding)
+      .number("coefficients_per_cell", kCoefficientsPerCell)
+      .number("max_cell_coefficients", kMaxCellCoefficients)
+      .str();
 }
 
 // rpe (M, Th, Tw) -> coefficients (M, Th + 2, Tw + 2, 4), see CellGrid.
@@ -224,18 +241,12 @@ struct Workspace {
 #define DAT_CPU_KERNELS "deform_attn/cpu/deform_attn_cpu_kernels.h"
 #include "common/cpu_kernels_for_each_isa.h"
 
-void check_cpu_dtype(const at::Tensor& q) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-                   "dat::deform_attn: the CPU kernel supports float32 and float64, got ", q.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                            const at::Tensor& v_in, const at::Tensor& kpos_in,
                                                            const at::Tensor& qpos_in,
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
-  check_cpu_dtype(q_in);
-  check_cell_offsets_fit(geometry);
+  check_limits(geometry, q_in.scalar_type());
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const at::Tensor& q = inputs.q;
   at::Tensor out = at::empty_like(q);
@@ -261,8 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
   const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
-  check_cpu_dtype(q_in);
-  check_cell_offsets_fit(geometry);
+  check_limits(geometry, q_in.scalar_type());
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
@@ -308,6 +318,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 }  // namespace
 }  // namespace deform_attn
 }  // namespace dat
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
+  m.def("deform_attn_cpu_limits() -> str", &dat::deform_attn::limits_json);
+}
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, CPU, m) {
   m.impl("deform_attn", &dat::deform_attn::deform_attn_forward_cpu);

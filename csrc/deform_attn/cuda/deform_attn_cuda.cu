@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "common/cuda_kernel.h"
+#include "common/kernel_limits.h"
 #include "deform_attn/deform_attn.h"
 #include "deform_attn/deform_attn_math.h"
 
@@ -497,19 +498,54 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-KernelGeometry kernel_geometry(const Problem& geometry) {
+// The limits of these kernels (common/kernel_limits.h), besides shared memory (check_shared_bytes): the dtypes
+// they are built for, the register slices of head_dim, the grid's y dimension (one row of blocks per
+// (batch, head)) and the int fields of KernelGeometry.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+constexpr int64_t kMaxBatchHeads = 65535;
+constexpr int64_t kMaxTokens = kMaxInt32;
+
+// Checks the limits before anything is allocated; the forward and the backward kernels share them, except for
+// their shared memory (the backward's without the table gradient, which moves to global memory where it does
+// not fit).
+KernelGeometry check_limits(const Problem& geometry, at::ScalarType dtype, bool backward) {
+  check_kernel_dtype(dtype, kDtypes, "dat::deform_attn", "CUDA");
   TORCH_CHECK_VALUE(geometry.head_dim <= kMaxHeadDim, "dat::deform_attn: the CUDA kernel supports head_dim up to ",
                     kMaxHeadDim, ", got ", geometry.head_dim);
-  TORCH_CHECK_VALUE(geometry.batch * geometry.heads <= 65535,
-                    "dat::deform_attn: the CUDA kernel supports batch x heads up to 65535, got ",
+  TORCH_CHECK_VALUE(geometry.batch * geometry.heads <= kMaxBatchHeads,
+                    "dat::deform_attn: the CUDA kernel supports batch x heads up to ", kMaxBatchHeads, ", got ",
                     geometry.batch * geometry.heads);
-  TORCH_CHECK_VALUE(geometry.queries < (int64_t(1) << 31) && geometry.keys < (int64_t(1) << 31),
-                    "dat::deform_attn: the CUDA kernel supports fewer than 2^31 queries and keys, got ",
+  TORCH_CHECK_VALUE(geometry.queries <= kMaxTokens && geometry.keys <= kMaxTokens,
+                    "dat::deform_attn: the CUDA kernel supports up to ", kMaxTokens, " queries and keys, got ",
                     geometry.queries, " and ", geometry.keys);
+  check_shared_bytes(SharedLayout(static_cast<int>(geometry.head_dim), backward, 0).bytes(),
+                     backward ? "dat::deform_attn_backward" : "dat::deform_attn");
   return KernelGeometry{static_cast<int>(geometry.batch),        static_cast<int>(geometry.heads),
                         static_cast<int>(geometry.groups),       static_cast<int>(geometry.queries),
                         static_cast<int>(geometry.keys),         static_cast<int>(geometry.head_dim),
                         static_cast<int>(geometry.table_height), static_cast<int>(geometry.table_width)};
+}
+
+// The shared memory check_limits asks for, as fixed + per_head_dim * head_dim bytes (the layout is linear in
+// head_dim).
+LimitsJson shared_bytes_json(bool backward) {
+  const size_t fixed = SharedLayout(0, backward, 0).bytes();
+  return LimitsJson()
+      .number("fixed", static_cast<int64_t>(fixed))
+      .number("per_head_dim", static_cast<int64_t>(SharedLayout(1, backward, 0).bytes() - fixed));
+}
+
+// What check_limits enforces, for dat/ops/deform_attn.py.
+std::string limits_json() {
+  return LimitsJson()
+      .dtypes("dtypes", kDtypes)
+      .number("max_head_dim", kMaxHeadDim)
+      .number("max_batch_heads", kMaxBatchHeads)
+      .number("max_tokens", kMaxTokens)
+      .number("default_shared_bytes", static_cast<int64_t>(kDefaultSharedBytes))
+      .object("forward_shared_bytes", shared_bytes_json(false))
+      .object("backward_shared_bytes", shared_bytes_json(true))
+      .str();
 }
 
 // Calls fn.template operator()<scalar_t, kSlice>() for the input dtype and the smallest register slice
@@ -537,7 +573,7 @@ void dispatch_kernel(at::ScalarType dtype, int64_t head_dim, Fn&& fn) {
       with_slice(at::BFloat16{});
       break;
     default:
-      TORCH_CHECK_TYPE(false, "dat::deform_attn: the CUDA kernel supports float32, float16 and bfloat16, got ", dtype);
+      TORCH_INTERNAL_ASSERT(false, "dat::deform_attn: check_limits admits ", dtype);
   }
 }
 
@@ -546,8 +582,8 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
                                                             const at::Tensor& qpos_in,
                                                             const std::optional<at::Tensor>& rpe_in, double scale) {
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
-  const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const KernelGeometry kernel = check_limits(geometry, q_in.scalar_type(), /*backward=*/false);
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   at::Tensor out = at::empty_like(inputs.q);
   at::Tensor logsumexp =
@@ -574,8 +610,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
   const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
-  const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const KernelGeometry kernel = check_limits(geometry, q_in.scalar_type(), /*backward=*/true);
   const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
@@ -614,6 +650,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 }  // namespace
 }  // namespace deform_attn
 }  // namespace dat
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
+  m.def("deform_attn_cuda_limits() -> str", &dat::deform_attn::limits_json);
+}
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("deform_attn", &dat::deform_attn::deform_attn_forward_cuda);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/kernel_limits.h"
 #include "common/library.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
@@ -26,16 +27,22 @@ namespace {
 #define DAT_CPU_KERNELS "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 #include "common/cpu_kernels_for_each_isa.h"
 
-void check_cpu_dtype(const at::Tensor& value) {
-  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-                   "dat::ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
-}
+// The limits of these kernels (common/kernel_limits.h): the dtypes they are built for.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
+
+// Checks the limits before anything is copied.
+void check_limits(at::ScalarType dtype) { check_kernel_dtype(dtype, kDtypes, "dat::ms_deform_attn", "CPU"); }
+
+// What check_limits enforces, for dat/ops/ms_deform_attn.py.
+std::string limits_json() { return LimitsJson().dtypes("dtypes", kDtypes).str(); }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights) {
-  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu_dtype(value);
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_limits(value.scalar_type());
+  const Inputs in =
+      prepare_inputs(problem, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Problem& size = in.problem;
   at::Tensor output = at::empty({size.batch, size.queries, size.heads * size.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
@@ -49,9 +56,11 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu_dtype(value);
-  check_grad_output(grad_output, value, in.problem);
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(grad_output, value, problem);
+  check_limits(value.scalar_type());
+  const Inputs in =
+      prepare_inputs(problem, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const at::Tensor grad_output_c = grad_output.contiguous();
   at::Tensor grad_value = at::zeros_like(in.value);
   at::Tensor grad_locations = at::empty_like(in.sampling_locations);
@@ -68,6 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 }  // namespace
 }  // namespace ms_deform_attn
 }  // namespace dat
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
+  m.def("ms_deform_attn_cpu_limits() -> str", &dat::ms_deform_attn::limits_json);
+}
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, CPU, m) {
   m.impl("ms_deform_attn", &dat::ms_deform_attn::ms_deform_attn_cpu);

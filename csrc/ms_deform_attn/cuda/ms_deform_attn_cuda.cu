@@ -15,9 +15,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 
 #include "common/cuda_kernel.h"
+#include "common/kernel_limits.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -37,10 +37,34 @@ struct LevelGeometry {
   int64_t start[kMaxLevels];
 };
 
+// The limits of these kernels (common/kernel_limits.h): the dtypes they are built for, the levels of
+// LevelGeometry, and the grid: one warp per (batch, query, head) row, kWarpsPerBlock rows per block.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+
+int64_t blocks_for_rows(const Problem& size) {
+  return (size.batch * size.queries * size.heads + kWarpsPerBlock - 1) / kWarpsPerBlock;
+}
+
+// Checks the limits before anything is copied.
+void check_limits(const Problem& size, at::ScalarType dtype) {
+  check_kernel_dtype(dtype, kDtypes, "dat::ms_deform_attn", "CUDA");
+  TORCH_CHECK_VALUE(size.levels <= kMaxLevels, "dat::ms_deform_attn: the CUDA kernel takes at most ", kMaxLevels,
+                    " levels, got ", size.levels);
+  check_grid_blocks(blocks_for_rows(size), "dat::ms_deform_attn", size.batch * size.queries * size.heads,
+                    "(batch, query, head) rows");
+}
+
+// What check_limits enforces, for dat/ops/ms_deform_attn.py.
+std::string limits_json() {
+  return LimitsJson()
+      .dtypes("dtypes", kDtypes)
+      .number("max_levels", kMaxLevels)
+      .number("rows_per_block", kWarpsPerBlock)
+      .number("max_blocks", kMaxInt32)
+      .str();
+}
+
 LevelGeometry to_geometry(const LevelLayout& layout) {
-  TORCH_CHECK_VALUE(layout.height.size() <= static_cast<size_t>(kMaxLevels),
-                    "dat::ms_deform_attn: the CUDA kernel takes at most ", kMaxLevels, " levels, got ",
-                    layout.height.size());
   LevelGeometry geometry{};
   for (size_t level = 0; level < layout.height.size(); ++level) {
     geometry.height[level] = layout.height[level];
@@ -151,18 +175,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-int64_t blocks_for_rows(const Problem& size) {
-  const int64_t rows = size.batch * size.queries * size.heads;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "dat::ms_deform_attn: ", rows,
-                    " (batch, query, head) rows are more than one CUDA launch can cover");
-  return blocks;
-}
-
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                const at::Tensor& attention_weights) {
-  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_limits(problem, value.scalar_type());
+  const Inputs in =
+      prepare_inputs(problem, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const LevelGeometry geometry = to_geometry(in.layout);
   const Problem& size = in.problem;
   const c10::cuda::CUDAGuard device_guard(value.device());
@@ -182,8 +201,11 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_grad_output(grad_output, value, in.problem);
+  const Problem problem = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(grad_output, value, problem);
+  check_limits(problem, value.scalar_type());
+  const Inputs in =
+      prepare_inputs(problem, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const LevelGeometry geometry = to_geometry(in.layout);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();
@@ -209,6 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 }  // namespace
 }  // namespace ms_deform_attn
 }  // namespace dat
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) {
+  m.def("ms_deform_attn_cuda_limits() -> str", &dat::ms_deform_attn::limits_json);
+}
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("ms_deform_attn", &dat::ms_deform_attn::ms_deform_attn_cuda);

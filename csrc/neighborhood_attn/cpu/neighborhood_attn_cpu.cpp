@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/kernel_limits.h"
 #include "common/library.h"
 #include "neighborhood_attn/neighborhood_attn.h"
 #include "neighborhood_attn/neighborhood_attn_math.h"
@@ -75,10 +76,21 @@ void bias_backward(const at::opmath_type<scalar_t>* grad_logits, scalar_t* grad_
   });
 }
 
+// The limits of these kernels (common/kernel_limits.h): the dtypes they are built for.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+
+// Checks the limits before anything is copied.
+void check_limits(at::ScalarType dtype) { check_kernel_dtype(dtype, kDtypes, "dat::neighborhood_attn", "CPU"); }
+
+// What check_limits enforces, for dat/ops/neighborhood_attn.py.
+std::string limits_json() { return LimitsJson().dtypes("dtypes", kDtypes).str(); }
+
 std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& rpb,
                                                          int64_t kernel_size, int64_t dilation, double scale) {
-  ForwardTensors t = prepare_forward(q, k, v, rpb, kernel_size, dilation);
+  const Problem problem = check_inputs(q, k, v, rpb, kernel_size, dilation);
+  check_limits(q.scalar_type());
+  ForwardTensors t = prepare_forward(problem, q, k, v, rpb);
   const Problem& g = t.problem;
   const AxisTable rows_table(g.height, kernel_size, dilation), columns_table(g.width, kernel_size, dilation);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cpu", [&] {
@@ -95,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& attn, int64_t kernel_size, int64_t dilation, double scale) {
-  BackwardTensors t = prepare_backward(grad_out, q, k, v, attn, kernel_size, dilation);
+  const Problem problem = check_backward_inputs(grad_out, q, k, v, attn, kernel_size, dilation);
+  check_limits(q.scalar_type());
+  BackwardTensors t = prepare_backward(problem, grad_out, q, k, v, attn);
   const Problem& g = t.problem;
   const int64_t rows = q.size(0) * g.heads * g.height;
   const AxisTable rows_table(g.height, kernel_size, dilation), columns_table(g.width, kernel_size, dilation);
@@ -119,6 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) { m.def("neighborhood_attn_cpu_limits() -> str", &limits_json); }
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, CPU, m) {
   m.impl("neighborhood_attn", &neighborhood_attn_cpu);

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "common/cuda_kernel.h"
+#include "common/kernel_limits.h"
 #include "neighborhood_attn/neighborhood_attn.h"
 #include "neighborhood_attn/neighborhood_attn_math.h"
 
@@ -205,37 +206,63 @@ __global__ void bias_backward_kernel(const acc_t* __restrict__ grad_logits, scal
   if (threadIdx.x == 0) grad_rpb[entry] = static_cast<scalar_t>(partial[0]);
 }
 
-unsigned int warp_blocks(int64_t items) {
-  const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "dat::neighborhood_attn: ", items,
-                    " queries are more than one CUDA launch can cover");
-  return static_cast<unsigned int>(blocks);
+// The limits of these kernels (common/kernel_limits.h): the dtypes they are built for, the grids (one warp
+// per query, kWarpsPerBlock per block; one block per bias-table entry in the backward) and the shared memory
+// of the warps' attention rows, in the accumulation dtype.
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+
+int64_t warp_blocks(int64_t items) { return (items + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
+int64_t bias_entries(const Problem& g) { return g.heads * g.table_side() * g.table_side(); }
+
+size_t window_shared_bytes(const Problem& g, at::ScalarType dtype) {
+  return kWarpsPerBlock * g.window() * c10::elementSize(at::toOpMathType(dtype));
 }
 
-// The per-warp attention rows live in dynamic shared memory.
-template <typename Kernel>
-size_t window_shared_bytes(Kernel* kernel, const Problem& g, size_t element_size) {
-  const size_t bytes = kWarpsPerBlock * g.window() * element_size;
-  reserve_shared_bytes(kernel, bytes, "dat::neighborhood_attn");
-  return bytes;
+// Checks the limits of the forward kernel, or of the backward kernels, before anything is allocated.
+void check_limits(const Problem& g, at::ScalarType dtype, bool backward) {
+  const char* op_name = backward ? "dat::neighborhood_attn_backward" : "dat::neighborhood_attn";
+  check_kernel_dtype(dtype, kDtypes, "dat::neighborhood_attn", "CUDA");
+  check_grid_blocks(warp_blocks(g.queries()), op_name, g.queries(), "queries");
+  if (backward) check_grid_blocks(bias_entries(g), op_name, bias_entries(g), "bias-table entries");
+  check_shared_bytes(window_shared_bytes(g, dtype), op_name);
+}
+
+// What check_limits enforces, for dat/ops/neighborhood_attn.py.
+std::string limits_json() {
+  LimitsJson accumulator_bytes;
+  for (const at::ScalarType dtype : kDtypes) {
+    accumulator_bytes.number(dtype_name(dtype).c_str(), c10::elementSize(at::toOpMathType(dtype)));
+  }
+  return LimitsJson()
+      .dtypes("dtypes", kDtypes)
+      .number("warps_per_block", kWarpsPerBlock)
+      .number("max_blocks", kMaxInt32)
+      .number("default_shared_bytes", static_cast<int64_t>(kDefaultSharedBytes))
+      .object("accumulator_bytes", accumulator_bytes)
+      .str();
 }
 
 std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const at::Tensor& rpb,
                                                           int64_t kernel_size, int64_t dilation, double scale) {
-  ForwardTensors t = prepare_forward(q, k, v, rpb, kernel_size, dilation);
+  const Problem problem = check_inputs(q, k, v, rpb, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  check_limits(problem, q.scalar_type(), /*backward=*/false);
+  ForwardTensors t = prepare_forward(problem, q, k, v, rpb);
   const Problem& g = t.problem;
   const int64_t queries = g.queries();
   if (queries == 0) return {t.out, t.attn};
+  const size_t shared_bytes = window_shared_bytes(g, q.scalar_type());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto* kernel = forward_kernel<scalar_t, acc_t>;
-    launch_kernel(kernel, warp_blocks(queries), kWarpsPerBlock * kWarpSize,
-                  window_shared_bytes(kernel, g, sizeof(acc_t)), stream, t.q.data_ptr<scalar_t>(),
-                  t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.rpb.data_ptr<scalar_t>(),
-                  t.out.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), queries, g, static_cast<acc_t>(scale));
+    reserve_shared_bytes(kernel, shared_bytes, "dat::neighborhood_attn");
+    launch_kernel(kernel, warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared_bytes, stream,
+                  t.q.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(),
+                  t.rpb.data_ptr<scalar_t>(), t.out.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(), queries, g,
+                  static_cast<acc_t>(scale));
   });
   return {t.out, t.attn};
 }
@@ -243,22 +270,25 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attn_cuda(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& attn, int64_t kernel_size, int64_t dilation, double scale) {
-  BackwardTensors t = prepare_backward(grad_out, q, k, v, attn, kernel_size, dilation);
+  const Problem problem = check_backward_inputs(grad_out, q, k, v, attn, kernel_size, dilation);
   const c10::cuda::CUDAGuard device_guard(q.device());
+  check_limits(problem, q.scalar_type(), /*backward=*/true);
+  BackwardTensors t = prepare_backward(problem, grad_out, q, k, v, attn);
   const Problem& g = t.problem;
   const int64_t queries = g.queries();
   if (queries == 0) {
     t.grad_rpb.zero_();
     return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
   }
+  const size_t shared_bytes = window_shared_bytes(g, q.scalar_type());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "neighborhood_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto* query_side = query_side_backward_kernel<scalar_t, acc_t>;
-    launch_kernel(query_side, warp_blocks(queries), kWarpsPerBlock * kWarpSize,
-                  window_shared_bytes(query_side, g, sizeof(acc_t)), stream, t.grad_out.data_ptr<scalar_t>(),
-                  t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
-                  t.grad_logits.data_ptr<acc_t>(), t.grad_q.data_ptr<scalar_t>(), queries, g,
+    reserve_shared_bytes(query_side, shared_bytes, "dat::neighborhood_attn_backward");
+    launch_kernel(query_side, warp_blocks(queries), kWarpsPerBlock * kWarpSize, shared_bytes, stream,
+                  t.grad_out.data_ptr<scalar_t>(), t.k.data_ptr<scalar_t>(), t.v.data_ptr<scalar_t>(),
+                  t.attn.data_ptr<acc_t>(), t.grad_logits.data_ptr<acc_t>(), t.grad_q.data_ptr<scalar_t>(), queries, g,
                   static_cast<acc_t>(scale));
     launch_kernel(key_side_backward_kernel<scalar_t, acc_t>, warp_blocks(queries), kWarpsPerBlock * kWarpSize, 0,
                   stream, t.grad_out.data_ptr<scalar_t>(), t.q.data_ptr<scalar_t>(), t.attn.data_ptr<acc_t>(),
@@ -271,6 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(DAT_OP_NAMESPACE, m) { m.def("neighborhood_attn_cuda_limits() -> str", &limits_json); }
 
 TORCH_LIBRARY_IMPL(DAT_OP_NAMESPACE, DAT_CUDA_DISPATCH_KEY, m) {
   m.impl("neighborhood_attn", &neighborhood_attn_cuda);
