@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 job=${1:-test}
 shift || true
 
-quiet_pip() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "Running pip as the 'root' user" || true; }
+# pip's own exit status stands (pipefail): a failed install stops the script
+quiet_pip() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "Running pip as the 'root' user" || true; }; }
 
 if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')))" 2>/dev/null; then
   echo "== installing torch 2.14.1 and torchvision 0.29.1"
