@@ -1,15 +1,30 @@
 """Loading of the optional native extension and the choice between fused and reference kernels."""
+import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-try:
-    from dat import _C  # noqa: F401  - importing registers the dat:: ops with the dispatcher
-    NATIVE_IMPORT_ERROR = None
-except ImportError as error:  # the extension is optional: the reference ops always work
-    NATIVE_IMPORT_ERROR = error
+_logger = logging.getLogger(__name__)
+
+
+def import_native_extension() -> Optional[ImportError]:
+    """Imports `dat._C`, which registers the dat:: ops with the dispatcher; returns None, or the ImportError of an
+    extension that is not built or does not load, after logging it (a warning: without one the user could not
+    tell that every op runs its slower pure-PyTorch reference)."""
+    try:
+        importlib.import_module('dat._C')
+    except ImportError as error:  # the extension is optional: the reference ops always work
+        _logger.warning('dat: the native kernels (dat._C) are unavailable (%s); every op runs its pure-PyTorch '
+                        'reference, with the same results but slower. `python -m dat info` shows what is built; '
+                        "the README's Install section says how to build them.", error)
+        return error
+    return None
+
+
+NATIVE_IMPORT_ERROR = import_native_extension()  # once per process: this module is imported once
 
 IMPLS = ('auto', 'fused', 'reference')
 IMPL_ENV = 'DAT_ATTN_IMPL'
