@@ -99,7 +99,8 @@ def _extensions():
                                        _nvcc_version(cpp_extension.CUDA_HOME) if cuda_kernels else None,
                                        os.environ['TORCH_CUDA_ARCH_LIST'] if cuda_kernels else None)
     include_dirs = [os.path.join(ROOT, 'csrc'), GENERATED_DIR]
-    depends = _sources('**/*.h') + [build_config]
+    # what build_ext compares with the built library, besides the sources, to skip an extension that is up to date
+    depends = _sources('**/*.h') + [build_config, os.path.abspath(__file__)]
 
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-trapping-math']
     extra_compile_args = {'cxx': cxx_flags}
@@ -115,8 +116,13 @@ def _extensions():
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
         def finalize_options(self):
+            forced = self.force
             super().finalize_options()
             self.build_temp = BUILD_TEMP
+            # torch forces every build, so that ninja, which knows the headers, decides what to recompile; but then
+            # an up-to-date extension is linked again. `depends` names the headers, so build_ext can skip it: only
+            # --force forces
+            self.force = forced
 
         def run(self):
             try:
