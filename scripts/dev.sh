@@ -26,7 +26,7 @@ fi
 if ! "$PY" -c "import dat.weights, sys, os; sys.exit(not dat.weights.__file__.startswith(os.path.join('$ROOT', 'weights')))" 2>/dev/null \
     || ! "$PY" -c "import sklearn, pytest, transformers" 2>/dev/null; then
   echo "== installing dat (editable) and its demo and test extras (scikit-learn, pytest, transformers)"
-  # pip would compile in a temporary folder that the next command cannot reuse: the build below does it
+  # no extension here: the build below compiles it, the same way for both jobs
   DAT_BUILD_EXT=0 quiet_pip --no-build-isolation -e ".[test,demo]"
 fi
 
