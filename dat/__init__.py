@@ -24,9 +24,13 @@ def _bind_checkout_weights() -> None:
 
 _bind_checkout_weights()
 
-from .models import MODEL_CONFIGS  # noqa: E402 - after the weights binding, DeformableAttentionTransformer
+from .models import MODEL_CONFIGS, DeformableAttentionTransformer  # noqa: E402 - after the weights binding
 from .checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint_file
 from .backbone import DatBackbone
+from .official import load_official
 from .pretrained import PretrainedWeightsError
+
+__all__ = ['MODEL_CONFIGS', 'DeformableAttentionTransformer', 'CheckpointError', 'checkpoint_filter_fn',
+           'load_checkpoint_file', 'DatBackbone', 'load_official', 'PretrainedWeightsError']
 
 __version__ = '0.1.0'

@@ -3,6 +3,7 @@
     python -m dat                                        # zoo table; dat_nano.digits on held-out digits
     python -m dat --model dat_tiny.in1k --image PATH     # classify an image (ImageNet class names)
     python -m dat visualize IMAGE --model M --out points.png   # draw where the deformable blocks sample
+    python -m dat info                                   # versions, the native kernels built, what auto runs
 
 The default demo needs no network: `dat_nano.digits` ships with the package and the digits with
 scikit-learn. Other tags download their weights (Hugging Face Hub, else the official release) once.
@@ -120,8 +121,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 def run(argv: List[str]) -> None:
     if argv[:1] == ['visualize']:
         return visualize_main(argv[1:])
+    if argv[:1] == ['info']:
+        from dat.info import main as info_main
+        return info_main(argv[1:])
     parser = argparse.ArgumentParser(prog='python -m dat', description=__doc__.split('\n')[0],
-                                     epilog='python -m dat visualize -h: the sampling-point drawing')
+                                     epilog='python -m dat visualize -h: the sampling-point drawing; '
+                                            'python -m dat info: the installation and its kernels')
     parser.add_argument('--model', default=DEMO_MODEL, help=f'pretrained model and tag (default: {DEMO_MODEL})')
     parser.add_argument('--image', help='classify this image (default: the held-out digits for a digits model, '
                                         'else the bundled sample image)')

@@ -196,7 +196,7 @@ def _manual_instructions(sources: List[WeightSource], architecture: str) -> str:
         lines.append(f'  download {download.location} as {filename}, then either')
     lines += [f"  timm.create_model('{architecture}', pretrained=True, "
               f"pretrained_cfg_overlay=dict(file='{filename}'))  # official or converted file, or",
-              f"  dat.official.load_official('<official config>.yaml', '{filename}')  # with the official YAML config"]
+              f"  dat.load_official('<official config>.yaml', '{filename}')  # with the official YAML config"]
     return '\n'.join(lines)
 
 

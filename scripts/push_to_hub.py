@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dat  # noqa: E402,F401 - registers the architectures
 
 REQUIRED_FILES = ('model.safetensors', 'config.json', 'README.md')
+DEFAULT_MESSAGE = 'Add converted DAT weights'
 
 
 class InvalidFolderError(ValueError):
@@ -52,13 +53,22 @@ def validate_folder(folder: Path) -> dict:
     return config
 
 
+def upload(folder: Path, repo_id: str, private: bool = False, message: str = DEFAULT_MESSAGE) -> str:
+    """Upload `folder` to the Hub repository `repo_id`, created when it does not exist; returns the commit's URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    return commit.commit_url if hasattr(commit, 'commit_url') else repo_id
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('folder', type=Path)
     parser.add_argument('--repo-id', required=True, help='organisation/name on the Hub')
     parser.add_argument('--dry-run', action='store_true', help='validate the folder and upload nothing')
     parser.add_argument('--private', action='store_true')
-    parser.add_argument('--message', default='Add converted DAT weights')
+    parser.add_argument('--message', default=DEFAULT_MESSAGE)
     args = parser.parse_args(argv)
     config = validate_folder(args.folder)
     print(f'{args.folder}: valid ({config["architecture"]}, {config["num_classes"]} classes; '
@@ -66,11 +76,7 @@ def main(argv=None) -> None:
     if args.dry_run:
         print(f'dry run: nothing uploaded to {args.repo_id}')
         return
-    from huggingface_hub import HfApi
-    api = HfApi()
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    commit = api.upload_folder(repo_id=args.repo_id, folder_path=str(args.folder), commit_message=args.message)
-    print(f'uploaded to {commit.commit_url if hasattr(commit, "commit_url") else args.repo_id}')
+    print(f'uploaded to {upload(args.folder, args.repo_id, args.private, args.message)}')
 
 
 if __name__ == '__main__':

@@ -7,8 +7,6 @@ The split, preprocessing and held-out evaluation are those of `dat.digits` (the 
 Everything is seeded: with the same torch build and thread count the script writes the same file.
 """
 import argparse
-import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import dat  # noqa: E402,F401 - registers the models
 from dat.digits import digit_tensors, evaluate  # noqa: E402
 from dat.pretrained import file_sha256  # noqa: E402
-from dat.weights import bundled_path  # noqa: E402
+from dat.weights import bundled_path, update_entry  # noqa: E402
 
 TAG = 'dat_nano.digits'
 
@@ -69,18 +67,9 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ep
 
 
 def update_manifest(path: Path, top1: float, top5: float, weights: Path) -> None:
-    """Record the checkpoint's size, SHA-256 and held-out accuracy in the manifest entry of `TAG`, leaving the
-    rest of the file (and its layout) untouched."""
-    text = path.read_text(encoding='utf-8')
-    start = text.index(f'"{TAG}"')
-    end = text.index('}', start)
-    entry = text[start:end]
-    for key, value in (('top1', round(top1, 3)), ('top5', round(top5, 3)), ('file_size', weights.stat().st_size),
-                       ('sha256', file_sha256(weights))):
-        entry, count = re.subn(rf'"{key}": [^,\n}}]+', f'"{key}": {json.dumps(value)}', entry)
-        if count != 1:
-            raise ValueError(f'the manifest entry {TAG} has {count} "{key}" fields, expected one')
-    path.write_text(text[:start] + entry + text[end:], encoding='utf-8')
+    """Record the checkpoint's size, SHA-256 and held-out accuracy in the manifest entry of `TAG`."""
+    update_entry(path, TAG, {'top1': round(top1, 3), 'top5': round(top5, 3), 'file_size': weights.stat().st_size,
+                             'sha256': file_sha256(weights)})
 
 
 def main(argv=None) -> float:

@@ -1,7 +1,8 @@
-"""scripts/: official checkpoint -> Hub folder (convert_official), its dry-run upload check (push_to_hub), and
-accuracy on an image folder (validate)."""
+"""scripts/: official checkpoint -> Hub folder (convert_official), its dry-run upload check (push_to_hub), both for
+every tag of the manifest (publish_all), and accuracy on an image folder (validate)."""
 import json
 import re
+import shutil
 
 import pytest
 import timm
@@ -10,9 +11,12 @@ import yaml
 
 from conftest import add_to_hf_cache, load_script, official_mini_checkpoint
 from dat.digits import digit_images
+from dat.pretrained import file_sha256
+from dat.weights import bundled_path
 
 convert_official = load_script('convert_official')
 push_to_hub = load_script('push_to_hub')
+publish_all = load_script('publish_all')
 validate = load_script('validate')
 
 
@@ -62,6 +66,41 @@ def test_convert_by_architecture_and_refusals(tmp_path):
     (out / 'README.md').unlink()
     with pytest.raises(push_to_hub.InvalidFolderError, match='README.md'):
         push_to_hub.validate_folder(out)
+
+
+def test_publish_all_dry_run_converts_validates_and_records_every_tag_at_hand(tmp_path, capsys):
+    # the narrow official DAT stands in for dat_tiny's official release, with its official YAML beside it
+    mini, config, _, _ = official_mini_checkpoint(tmp_path / 'mini')
+    official = tmp_path / 'official'
+    official.mkdir()
+    shutil.copy(mini, official / 'dat_tiny_in1k_224.pth')
+    (official / 'dat_tiny_in1k_224.yaml').write_text(yaml.safe_dump({'MODEL': {'TYPE': 'dat', 'DAT': config}}))
+    # a file that is not the official release the manifest describes
+    (official / 'dat_small_in1k_224.pth').write_bytes(b'not the release')
+    manifest = tmp_path / 'manifest.json'
+    text = bundled_path('manifest.json').read_text(encoding='utf-8')
+    manifest.write_text(text.replace('"official_filename": "dat_small_in1k_224.pth",\n      "file_size": null',
+                                     '"official_filename": "dat_small_in1k_224.pth",\n      "file_size": 1234'))
+    before = json.loads(manifest.read_text())['weights']
+
+    with pytest.raises(SystemExit, match='1'):  # dat_small.in1k failed
+        publish_all.main([str(official), '--org', 'me', '--dry-run', '--out', str(tmp_path / 'hub'),
+                          '--manifest', str(manifest)])
+    out = capsys.readouterr().out
+    assert re.search(r'dat_tiny.in1k: converted and validated .* not uploaded \(dry run\)', out)
+    assert re.search(r'dat_small.in1k: FAILED: .* has 15 bytes, expected 1234', out)
+    assert re.search(r'dat_base.in1k\s+skipped: .*dat_base_in1k_224.pth is absent', out)
+    folder = tmp_path / 'hub' / 'dat_tiny.in1k'
+    assert push_to_hub.validate_folder(folder)['architecture'] == 'dat_tiny'
+    assert 'me/dat_tiny.in1k' in (folder / 'README.md').read_text()
+    after = json.loads(manifest.read_text())['weights']
+    # the official file's size and checksum are recorded; nothing was uploaded, so hf_hub_id stays
+    assert after['dat_tiny.in1k'] == dict(before['dat_tiny.in1k'], file_size=(official / 'dat_tiny_in1k_224.pth')
+                                          .stat().st_size, sha256=file_sha256(official / 'dat_tiny_in1k_224.pth'))
+    assert {tag: entry for tag, entry in after.items() if tag != 'dat_tiny.in1k'} == \
+        {tag: entry for tag, entry in before.items() if tag != 'dat_tiny.in1k'}
+    # only those two fields changed in the file, and its layout is kept
+    assert len(manifest.read_text().splitlines()) == len(text.splitlines())
 
 
 def test_validate_on_an_image_folder_of_held_out_digits(tmp_path, capsys):

@@ -6,6 +6,7 @@ that JSON at import and states its kernels' checks over it as `fused_refusal(...
 before it picks the fused op. The tests of each op call its kernels just beyond every limit and assert that
 they raise exactly what `fused_refusal` says (tests/kernel_limits.py).
 """
+import importlib
 import json
 import logging
 import os
@@ -14,17 +15,29 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-try:
-    from dat import _C  # noqa: F401  - importing registers the dat:: ops with the dispatcher
-    NATIVE_IMPORT_ERROR = None
-except ImportError as error:  # the extension is optional: the reference ops always work
-    NATIVE_IMPORT_ERROR = error
+# The import-time warning, and one debug line per call that `auto` sends to the reference (op, device, reason).
+LOGGER = logging.getLogger('dat.ops')
+
+
+def import_native_extension() -> Optional[ImportError]:
+    """Imports `dat._C`, which registers the dat:: ops with the dispatcher; returns None, or the ImportError of an
+    extension that is not built or does not load, after logging it (a warning: without one the user could not
+    tell that every op runs its slower pure-PyTorch reference)."""
+    try:
+        importlib.import_module('dat._C')
+    except ImportError as error:  # the extension is optional: the reference ops always work
+        LOGGER.warning('dat: the native kernels (dat._C) are unavailable (%s); every op runs its pure-PyTorch '
+                        'reference, with the same results but slower. `python -m dat info` shows what is built; '
+                        "the README's Install section says how to build them.", error)
+        return error
+    return None
+
+
+NATIVE_IMPORT_ERROR = import_native_extension()  # once per process: this module is imported once
 
 IMPLS = ('auto', 'fused', 'reference')
 IMPL_ENV = 'DAT_ATTN_IMPL'
 KERNEL_DEVICE_TYPES = ('cpu', 'cuda')
-# One debug line per call that `auto` sends to the reference, naming the op, the device and the reason.
-LOGGER = logging.getLogger('dat.ops')
 
 
 # Kernels are registered once, when dat._C is imported, so torch.compile may fold the answer into
