@@ -15,10 +15,11 @@ import timm
 import torch
 from safetensors import safe_open
 
+from dat import load_official
 from dat.checkpoint import checkpoint_filter_fn
 from dat.layers.deform_attn import DeformableAttention
 from dat.models import MODEL_CONFIGS
-from dat.official import load_official, official_model_section
+from dat.official import official_model_section
 from conftest import official_fixture
 
 COMPACT_GOLDENS = Path(__file__).resolve().parent / 'data' / 'official'
