@@ -32,8 +32,10 @@ def choice_table(out: str) -> dict:
 
 
 def expected_choices(op_module, device_type: str, native: bool) -> list:
+    """auto's choice from the dtypes the kernel itself exports (dat::<op>_<device>_limits)."""
     built = native and _extension.native_op_available(op_module.OP.split('::')[1], device_type)
-    return ['fused' if built and dtype in op_module.FUSED_DTYPES[device_type] else 'reference' for dtype in DTYPES]
+    dtypes = op_module.KERNEL_LIMITS[device_type]['dtypes'] if built else ()
+    return ['fused' if _extension.dtype_name(dtype) in dtypes else 'reference' for dtype in DTYPES]
 
 
 def test_info_reports_versions_the_extension_and_autos_choice_per_op(capsys, monkeypatch):
