@@ -26,7 +26,9 @@ struct LevelLayout {
   std::vector<int64_t> start;
 };
 
-// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous.
+// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous:
+// value in its dtype, sampling_locations and attention_weights in value's accumulation dtype
+// (at::opmath_type: float32 beside a float16 or bfloat16 value), which the kernels read them in.
 struct Inputs {
   Problem problem;
   LevelLayout layout;
@@ -35,9 +37,10 @@ struct Inputs {
   at::Tensor attention_weights;
 };
 
-// Checks ranks, sizes, dtypes and devices of the forward inputs, and that the levels tile the value
-// exactly: positive sizes, starts at the running sum of H * W, total S. Reading the level geometry is
-// a device-to-host copy when it lives on a GPU.
+// Checks ranks, sizes, dtypes and devices of the forward inputs, that the levels tile the value
+// exactly (positive sizes, starts at the running sum of H * W, total S) and that the kernels take the
+// dtype (float64, float32, float16, bfloat16). Reading the level geometry is a device-to-host copy
+// when it lives on a GPU.
 Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
 

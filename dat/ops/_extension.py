@@ -51,6 +51,16 @@ def resolve_impl(impl, op_name: str, device_type: str, unsupported: Optional[str
     return choice
 
 
+# The half-precision formats: kernels and references take them and accumulate in float32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that kernels and references compute in for inputs of `dtype` (at::opmath_type's rule): float64
+    for float64, float32 for every other floating dtype, whose 8 or 11 bits would lose a softmax or a long sum."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def unsupported_dtype(dtype: torch.dtype, device_type: str, fused_dtypes: Dict[str, Tuple[torch.dtype, ...]]
                       ) -> Optional[str]:
     """Why a fused kernel cannot take `dtype` on `device_type` (for `resolve_impl`), or None when it can."""

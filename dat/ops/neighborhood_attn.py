@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
+from ._extension import FusedOpBinding, accumulation_dtype, bind_fused_op, resolve_impl, unsupported_dtype
 
 OP_NAME = 'neighborhood_attn'
 OP = f'dat::{OP_NAME}'
@@ -92,8 +92,11 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
 
     The forward never holds more than `block_elements` gathered keys (and as many values) at once;
     autograd keeps the gathered blocks for the backward, k*k times the size of k and v in total.
+    Half-precision inputs are computed on float32 copies and the output is rounded to q's dtype once.
     """
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    out_dtype = q.dtype
+    q, k, v, rpb = (t.to(accumulation_dtype(out_dtype)) for t in (q, k, v, rpb))
     B, M, H, W, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     key_index, bias_index = neighborhood_tables(H, W, kernel_size, dilation, q.device)
@@ -108,7 +111,7 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
         probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
         outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.reshape(B, M, H, W, D)
+    return out.reshape(B, M, H, W, D).to(out_dtype)
 
 
 def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
@@ -122,13 +125,9 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     return neighborhood_attention_reference(q, k, v, rpb, kernel_size, dilation, scale)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
-    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
+    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=accumulation_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), attn
 
 

@@ -1,12 +1,18 @@
-// CPU kernels of dat::deform_attn (float32, float64).
+// CPU kernels of dat::deform_attn (float64, float32; float16 and bfloat16 through the float32 kernel).
 //
 // Flash style: a work item is one (batch, offset group, query tile); keys are streamed in tiles
 // through an online softmax, so no (Nq x Nk) tensor exists and memory stays linear in Nq + Nk. The
 // matrix products of a tile (Q K^T and P V; in backward also dO V^T, P^T dO, dS^T Q and dS K) go to
 // ATen's BLAS. The bias of a pair is interpolated inside one cell of the table; the cell and the
 // in-cell position are computed once per pair and reused by every head of the offset group.
+//
+// float16 and bfloat16 inputs (and float32 positions and table beside them) are converted to float32
+// once per call, the kernel accumulates in float32, and each result is rounded to its input's dtype
+// once. The copies cost O(inputs) memory; converting tile by tile instead would convert every key tile
+// once per query tile, more work than the single pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -224,9 +230,12 @@ struct Workspace {
 #define DAT_CPU_KERNELS "deform_attn/cpu/deform_attn_cpu_kernels.h"
 #include "common/cpu_kernels_for_each_isa.h"
 
-void check_cpu_dtype(const at::Tensor& q) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-                   "dat::deform_attn: the CPU kernel supports float32 and float64, got ", q.scalar_type());
+// The dtype the kernel computes in: float64 for float64 inputs, float32 for the other dtypes it takes.
+at::ScalarType cpu_compute_dtype(const at::Tensor& q) {
+  const at::ScalarType dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "dat::deform_attn: the CPU kernel supports float64, float32, float16 and bfloat16, got ", dtype);
+  return at::toOpMathType(dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -234,25 +243,26 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
                                                            const at::Tensor& qpos_in,
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
-  check_cpu_dtype(q_in);
+  const at::ScalarType compute_dtype = cpu_compute_dtype(q_in);
   check_cell_offsets_fit(geometry);
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, compute_dtype, compute_dtype);
   const at::Tensor& q = inputs.q;
   at::Tensor out = at::empty_like(q);
+  // logsumexp_dtype() is the compute dtype, so the kernel writes it directly.
   at::Tensor logsumexp = at::empty({geometry.batch, geometry.heads, geometry.queries},
-                                   q.options().dtype(logsumexp_dtype(q.scalar_type())));
-  if (out.numel() == 0) return {out, logsumexp};
-  const at::Tensor coefficients = inputs.rpe.defined() ? cell_coefficients(inputs.rpe) : at::Tensor();
-
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_forward_cpu", [&] {
-    const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
-    scalar_t* out_data = out.data_ptr<scalar_t>();
-    scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
-    at::parallel_for(0, ops.work_item_count(), 1, [&](int64_t begin, int64_t end) {
-      DAT_CPU_ISA_CALL(forward_items, ops, begin, end, out_data, logsumexp_data);
+                                   q.options().dtype(logsumexp_dtype(q_in.scalar_type())));
+  if (out.numel() > 0) {
+    const at::Tensor coefficients = inputs.rpe.defined() ? cell_coefficients(inputs.rpe) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(compute_dtype, "deform_attn_forward_cpu", [&] {
+      const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
+      scalar_t* out_data = out.data_ptr<scalar_t>();
+      scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
+      at::parallel_for(0, ops.work_item_count(), 1, [&](int64_t begin, int64_t end) {
+        DAT_CPU_ISA_CALL(forward_items, ops, begin, end, out_data, logsumexp_data);
+      });
     });
-  });
-  return {out, logsumexp};
+  }
+  return {out.to(q_in.scalar_type()), logsumexp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_attn_backward_cpu(
@@ -261,11 +271,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
     const at::Tensor& out_in, const at::Tensor& logsumexp_in, double scale) {
   const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
-  check_cpu_dtype(q_in);
+  const at::ScalarType compute_dtype = cpu_compute_dtype(q_in);
   check_cell_offsets_fit(geometry);
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, compute_dtype, compute_dtype);
   const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
-  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor grad_out = ContiguousInputs::as_contiguous(grad_out_in, compute_dtype);
+  const at::Tensor out = ContiguousInputs::as_contiguous(out_in, compute_dtype);
   const at::Tensor logsumexp = logsumexp_in.contiguous();
   const at::Tensor coefficients = rpe.defined() ? cell_coefficients(rpe) : at::Tensor();
   const CellGrid cells(geometry.table_height, geometry.table_width);
@@ -275,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + 4 |padded rpe|).
   at::Tensor grad_q = at::zeros_like(q);
   at::Tensor grad_k, grad_v, grad_kpos, grad_coefficients;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute_dtype, "deform_attn_backward_cpu", [&] {
     const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
     const int64_t items = ops.work_item_count();
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
@@ -300,9 +311,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   at::Tensor grad_rpe = rpe.defined() ? table_gradient(grad_coefficients.sum(0).view({geometry.heads, cells.rows,
                                                                                          cells.columns, 4}),
                                                        geometry.table_height, geometry.table_width)
-                                      : q.new_empty({0});
-  return {grad_q, grad_k.sum(0).view(k.sizes()), grad_v.sum(0).view(v.sizes()), grad_kpos.sum(0).view(kpos.sizes()),
-          grad_rpe};
+                                                .to(rpe_in->scalar_type())
+                                      : q_in.new_empty({0});
+  return {grad_q.to(q_in.scalar_type()), grad_k.sum(0).view(k.sizes()).to(k_in.scalar_type()),
+          grad_v.sum(0).view(v.sizes()).to(v_in.scalar_type()),
+          grad_kpos.sum(0).view(kpos.sizes()).to(kpos_in.scalar_type()), grad_rpe};
 }
 
 }  // namespace

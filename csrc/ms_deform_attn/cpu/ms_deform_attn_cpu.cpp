@@ -1,4 +1,5 @@
-// CPU kernels of dat::ms_deform_attn (float32, float64).
+// CPU kernels of dat::ms_deform_attn (float64, float32, float16, bfloat16; accumulation in
+// at::opmath_type, i.e. float32 for the half types, with the value gradient summed in a float32 buffer).
 //
 // Forward: each task owns whole output rows (one query of one batch element), so no two threads
 // write the same memory. Backward: the value gradient is a scatter, so the work is partitioned by
@@ -26,22 +27,16 @@ namespace {
 #define DAT_CPU_KERNELS "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 #include "common/cpu_kernels_for_each_isa.h"
 
-void check_cpu_dtype(const at::Tensor& value) {
-  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-                   "dat::ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
-}
-
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu_dtype(value);
   const Problem& size = in.problem;
   at::Tensor output = at::empty({size.batch, size.queries, size.heads * size.channels}, value.options());
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    DAT_CPU_ISA_CALL(forward_kernel<scalar_t>, in.value.data_ptr<scalar_t>(),
-                     in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
-                     output.data_ptr<scalar_t>(), in.layout, size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    DAT_CPU_ISA_CALL(forward_kernel<scalar_t>, in.value.data_ptr<scalar_t>(), in.sampling_locations.data_ptr<acc_t>(),
+                     in.attention_weights.data_ptr<acc_t>(), output.data_ptr<scalar_t>(), in.layout, size);
   });
   return output;
 }
@@ -50,19 +45,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu_dtype(value);
   check_grad_output(grad_output, value, in.problem);
   const at::Tensor grad_output_c = grad_output.contiguous();
-  at::Tensor grad_value = at::zeros_like(in.value);
+  // In the accumulation dtype (in.sampling_locations' dtype); rounded to the inputs' dtypes at the end.
+  at::Tensor grad_value = at::zeros(in.value.sizes(), in.sampling_locations.options());
   at::Tensor grad_locations = at::empty_like(in.sampling_locations);
   at::Tensor grad_weights = at::empty_like(in.attention_weights);
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     DAT_CPU_ISA_CALL(backward_kernel<scalar_t>, grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
-                     in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
-                     grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<scalar_t>(),
-                     grad_weights.data_ptr<scalar_t>(), in.layout, in.problem);
+                     in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(),
+                     grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>(),
+                     in.layout, in.problem);
   });
-  return {grad_value, grad_locations, grad_weights};
+  return {grad_value.to(value.scalar_type()), grad_locations.to(sampling_locations.scalar_type()),
+          grad_weights.to(attention_weights.scalar_type())};
 }
 
 }  // namespace
