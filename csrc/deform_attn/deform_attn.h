@@ -27,28 +27,20 @@ inline at::ScalarType logsumexp_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The inputs as a kernel reads them: contiguous, q, k, v in `activation_dtype` and kpos, qpos, rpe in
-// `position_dtype` (a tensor already so is used as it is); rpe is undefined when absent.
+// The inputs as a kernel reads them: contiguous, and kpos, qpos, rpe in `position_dtype` (converted
+// unless they already are); rpe is undefined when absent.
 struct ContiguousInputs {
   at::Tensor q, k, v, kpos, qpos, rpe;
 
   ContiguousInputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kpos_in,
-                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in, at::ScalarType activation_dtype,
-                   at::ScalarType position_dtype)
-      : q(as_contiguous(q_in, activation_dtype)), k(as_contiguous(k_in, activation_dtype)),
-        v(as_contiguous(v_in, activation_dtype)), kpos(as_contiguous(kpos_in, position_dtype)),
-        qpos(as_contiguous(qpos_in, position_dtype)),
-        rpe(rpe_in.has_value() ? as_contiguous(*rpe_in, position_dtype) : at::Tensor()) {}
+                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in, at::ScalarType position_dtype)
+      : q(q_in.contiguous()), k(k_in.contiguous()), v(v_in.contiguous()),
+        kpos(kpos_in.contiguous().to(position_dtype)), qpos(qpos_in.contiguous().to(position_dtype)),
+        rpe(rpe_in.has_value() ? rpe_in->contiguous().to(position_dtype) : at::Tensor()) {}
 
   template <typename scalar_t>
   const scalar_t* table() const {
     return rpe.defined() ? rpe.data_ptr<scalar_t>() : nullptr;
-  }
-
-  // Contiguous first: to(dtype, ..., MemoryFormat::Contiguous) would return a transposed or expanded
-  // tensor of the right dtype as it is.
-  static at::Tensor as_contiguous(const at::Tensor& tensor, at::ScalarType dtype) {
-    return tensor.contiguous().to(dtype);
   }
 };
 

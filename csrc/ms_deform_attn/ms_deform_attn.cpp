@@ -103,8 +103,6 @@ Inputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK_TYPE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                    "dat::ms_deform_attn: the kernels support float64, float32, float16 and bfloat16, got ", dtype);
   const at::ScalarType accumulation = at::toOpMathType(dtype);
-  // Contiguous first: to(dtype, ..., MemoryFormat::Contiguous) would return a transposed tensor of the
-  // right dtype as it is.
   const auto as_accumulation = [&](const at::Tensor& tensor) { return tensor.contiguous().to(accumulation); };
   return {size, read_level_layout(spatial_shapes, level_start_index, size), value.contiguous(),
           as_accumulation(sampling_locations), as_accumulation(attention_weights)};

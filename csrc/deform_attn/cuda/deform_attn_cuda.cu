@@ -549,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, q_in.scalar_type(), at::kFloat);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, at::kFloat);
   at::Tensor out = at::empty_like(inputs.q);
   at::Tensor logsumexp =
       at::empty({geometry.batch, geometry.heads, geometry.queries}, inputs.q.options().dtype(at::kFloat));
@@ -577,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   const KernelGeometry kernel = kernel_geometry(geometry);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, q_in.scalar_type(), at::kFloat);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, at::kFloat);
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
   const at::TensorOptions accumulate = inputs.q.options().dtype(at::kFloat);
