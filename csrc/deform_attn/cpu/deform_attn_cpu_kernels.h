@@ -26,8 +26,8 @@ inline double exp_vectorisable(double x) { return exp_of(x); }
 // The table cell and in-cell position of every (query, key) pair of a tile; the same for all heads
 // of the offset group. Pairs outside the table get cell 0 (all-zero coefficients) and position 0.
 template <typename scalar_t, typename input_t>
-void locate_pairs(const Operands<scalar_t, input_t>& ops, const Tile& queries, const Tile& keys, const scalar_t* key_pos,
-                  PairCells<scalar_t>& pairs) {
+void locate_pairs(const Operands<scalar_t, input_t>& ops, const Tile& queries, const Tile& keys,
+                  const scalar_t* key_pos, PairCells<scalar_t>& pairs) {
   const Problem& geometry = ops.geometry;
   const int64_t height = geometry.table_height, width = geometry.table_width;
   const scalar_t row_limit = scalar_t(height), col_limit = scalar_t(width);

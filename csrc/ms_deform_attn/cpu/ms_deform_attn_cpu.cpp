@@ -1,5 +1,6 @@
 // CPU kernels of dat::ms_deform_attn (float64, float32, float16, bfloat16; accumulation in
-// at::opmath_type, i.e. float32 for the half types, with the value gradient summed in a float32 buffer).
+// at::opmath_type, i.e. float32 for the half types, each backward task summing its slice of the value
+// gradient in float32 and rounding it once).
 //
 // Forward: each task owns whole output rows (one query of one batch element), so no two threads
 // write the same memory. Backward: the value gradient is a scatter, so the work is partitioned by
@@ -12,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_isa.h"
@@ -47,18 +49,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Inputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_grad_output(grad_output, value, in.problem);
   const at::Tensor grad_output_c = grad_output.contiguous();
+  // Zeroed where the kernel sums into it in place; a half-precision kernel writes every element.
+  const bool sums_in_place = in.sampling_locations.scalar_type() == value.scalar_type();
+  at::Tensor grad_value = sums_in_place ? at::zeros_like(in.value) : at::empty_like(in.value);
   // In the accumulation dtype (in.sampling_locations' dtype); rounded to the inputs' dtypes at the end.
-  at::Tensor grad_value = at::zeros(in.value.sizes(), in.sampling_locations.options());
   at::Tensor grad_locations = at::empty_like(in.sampling_locations);
   at::Tensor grad_weights = at::empty_like(in.attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     DAT_CPU_ISA_CALL(backward_kernel<scalar_t>, grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
                      in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(),
-                     grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>(),
+                     grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>(),
                      in.layout, in.problem);
   });
-  return {grad_value.to(value.scalar_type()), grad_locations.to(sampling_locations.scalar_type()),
+  return {grad_value, grad_locations.to(sampling_locations.scalar_type()),
           grad_weights.to(attention_weights.scalar_type())};
 }
 
