@@ -11,7 +11,8 @@ entries near zero say nothing about the op.
 import pytest
 import torch
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from dat.ops._extension import HALF_DTYPES
+
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
