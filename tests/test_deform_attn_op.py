@@ -1,4 +1,6 @@
 """The fused deformable-attention op `dat::deform_attn` against the pure-PyTorch reference and fp64 gradcheck."""
+import functools
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ import dat.ops.deform_attn as deform_attn_module
 from dat.ops import deformable_attention, deformable_attention_reference, native_op_available, why_not_fused
 from dat.ops._extension import IMPL_ENV, dtype_name
 from dat.ops.deform_attn import KERNEL_LIMITS, fused_problem, fused_refusal
+from half_precision import assert_within_roundoff, parametrize_half_cases
 from kernel_limits import assert_auto_takes_reference, assert_cuda_choice, assert_kernel_refuses
 
 CPU_OP = native_op_available('deform_attn', 'cpu')
@@ -161,8 +164,9 @@ def test_cpu_logsumexp_is_the_softmax_normaliser():
 
 
 @needs_cpu_op
-def test_cpu_non_contiguous_inputs():
-    inputs = make_inputs(1, 2, 1, 12, 9, 6, (5, 7), dtype=torch.float32)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_non_contiguous_inputs(dtype):
+    inputs = make_inputs(1, 2, 1, 12, 9, 6, (5, 7), dtype=dtype)
     q_t = inputs['q'].transpose(2, 3).contiguous().transpose(2, 3)
     k_t = inputs['k'].transpose(2, 3).contiguous().transpose(2, 3)
     qpos_t = inputs['qpos'].t().contiguous().t()
@@ -252,6 +256,19 @@ def test_dispatch_fused_by_default_and_env(monkeypatch):
     assert spy.calls == 1
 
 
+@needs_cpu_op
+def test_half_precision_with_float32_positions_dispatches_fused_and_passes_opcheck(monkeypatch):
+    inputs = make_inputs(1, 2, 1, 6, 5, 4, (5, 6), dtype=torch.float32, key_spread=1.5)
+    inputs.update({name: inputs[name].bfloat16() for name in ('q', 'k', 'v')})
+    spy = ReferenceSpy(monkeypatch)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    out = deformable_attention(**inputs)
+    assert spy.calls == 0 and out.dtype == torch.bfloat16
+    for name in DIFFERENTIABLE:
+        inputs[name].requires_grad_()
+    torch.library.opcheck(torch.ops.dat.deform_attn.default, (*inputs.values(), 0.5))
+
+
 @pytest.mark.skipif(CPU_OP, reason='checks the error when the extension is missing; it is built here')
 def test_dispatch_fused_without_extension_is_an_error():
     inputs = make_inputs(1, 2, 1, 5, 6, 4, (5, 5), dtype=torch.float32)
@@ -270,6 +287,12 @@ BAD_INPUTS = [
     (dict(rpe=torch.zeros(3, 5, 5)), ValueError, 'rpe must be'),
     (dict(rpe=torch.zeros(2, 0, 5)), ValueError, 'rpe must be \\(heads=2, Th, Tw\\) with a non-empty table'),
     (dict(v=torch.zeros(1, 2, 6, 4, dtype=torch.float64)), TypeError, 'v has dtype \\S+ but q has'),
+    (dict(kpos=torch.zeros(1, 1, 6, 2, dtype=torch.float64)), TypeError,
+     "kpos has dtype \\S+ but q has \\S+ \\(kpos, qpos and rpe take q's dtype, or float32 when q is float16 or "
+     "bfloat16\\)"),
+    (dict(q=torch.zeros(1, 2, 5, 4, dtype=torch.bfloat16), k=torch.zeros(1, 2, 6, 4, dtype=torch.bfloat16),
+          v=torch.zeros(1, 2, 6, 4, dtype=torch.bfloat16), qpos=torch.zeros(5, 2, dtype=torch.float16)), TypeError,
+     'qpos has dtype \\S+ but q has'),
     (dict(q=torch.zeros(1, 2, 5, 4, dtype=torch.int32)), TypeError, 'needs floating-point tensors'),
     (dict(kpos=torch.zeros(1, 1, 6, 2, device='meta')), ValueError, 'kpos is on meta but q is on cpu'),
 ]
@@ -292,6 +315,89 @@ def test_op_rejects_bad_logsumexp():
     out, logsumexp = torch.ops.dat.deform_attn(*inputs.values(), 0.5)
     with pytest.raises(ValueError, match='logsumexp must be'):
         torch.ops.dat.deform_attn_backward(out, *inputs.values(), out, logsumexp.double(), 0.5)
+
+
+# ------------------------------------------------------------------------------------ half precision
+# float16 / bfloat16 q, k, v with positions and table in the same dtype or in float32, against the float64
+# reference on the same rounded values (the criterion of tests/half_precision.py), forward and backward.
+
+def border_positions(batch, groups, queries, keys, seed):
+    """qpos and kpos on a grid of 1/4; with a (9, 17) table every displacement lands on a column border of the
+    table's cells (pixel = (displacement + 1) * 8) and every other one on a row border (pixel = (displacement + 1)
+    * 4); keys spread to +-1.5 reach the table's edges and beyond. Two thirds of the key coordinates then move by
+    +-2^-12, which puts their pixels 2^-10 < 1e-3 (columns) or 2^-11 (rows) from a border, where the format can
+    hold that (float16 and float32 can; bfloat16 rounds most back onto the grid)."""
+    generator = torch.Generator().manual_seed(seed)
+    qpos = torch.randint(-4, 5, (queries, 2), generator=generator).double() / 4
+    kpos = torch.randint(-6, 7, (batch, groups, keys, 2), generator=generator).double() / 4
+    return qpos, kpos + torch.randint(-1, 2, kpos.shape, generator=generator).double() * 2.0 ** -12
+
+
+# (batch, heads, groups, queries, keys, head_dim, table, key_spread); key_spread None: border_positions.
+HALF_CASES = {
+    'dat-like': (2, 6, 3, 150, 140, 32, (27, 27), 1.3),
+    'key-tiles': (1, 2, 1, 70, 1100, 16, (13, 13), 1.2),  # 3 key tiles of the CPU kernel
+    'borders': (1, 4, 2, 60, 90, 16, (9, 17), None),
+}
+POSITIONS = ('kpos', 'qpos', 'rpe')
+# Positions are multiples of 2^-16, on which the float32 pixel arithmetic of the kernels is exact: at a cell
+# border the bias has a kink, and a float32 pixel rounded across it would pick the other one-sided derivative
+# than the float64 reference (a float32 matter that would hide the half-precision errors measured here).
+POSITION_GRID = 2.0 ** 16
+# The reference's block size in these tests: several checkpointed query blocks in the two larger cases.
+HALF_REFERENCE_BLOCK = 1 << 15
+
+
+@functools.lru_cache(maxsize=None)
+def half_precision_case(name, dtype, position_dtype):
+    """HALF_CASES[name] rounded to `dtype` (kpos, qpos, rpe to `position_dtype`, None: `dtype`), a grad_out rounded
+    to `dtype`, and the float64 reference's output and gradients on those very values."""
+    batch, heads, groups, queries, keys, head_dim, table, key_spread = HALF_CASES[name]
+    inputs = make_inputs(batch, heads, groups, queries, keys, head_dim, table, key_spread=key_spread or 1.0,
+                         seed=11)
+    if key_spread is None:
+        inputs['qpos'], inputs['kpos'] = border_positions(batch, groups, queries, keys, seed=12)
+    for name in ('qpos', 'kpos'):
+        inputs[name] = torch.round(inputs[name] * POSITION_GRID) / POSITION_GRID
+    rounded = {n: t.to((position_dtype or dtype) if n in POSITIONS else dtype) for n, t in inputs.items()}
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(13)).to(dtype)
+    expected = reference_outputs_and_grads({n: t.double() for n, t in rounded.items()}, head_dim ** -0.5,
+                                           grad_out.double())
+    return rounded, grad_out, expected
+
+
+# Error budgets in unit roundoffs u (tests/half_precision.py). The output is rounded once: 1 u, plus float32
+# error (~1e-6 relative, 0.002 u of float16). Gradients are rounded once too (1 u), and the fused kernels'
+# grad_q, grad_k, grad_kpos and grad_rpe also read delta_i = <dO_i, out_i> off the *rounded* output (as flash
+# attention does): off by sum_d dO_id e_id with |e_id| <= u |out_id|, which moves logit gradient (i, j) by p_ij
+# times as much. Those roundings have independent signs, so delta's error is about u sqrt(sum_d (dO_id
+# out_id)^2 / 3), below u times the spread |dp_ij - delta_i| of the logit gradients it shifts: one more u at
+# most (the worst case, all signs aligned, would be ~0.6 sqrt(head_dim) u). Measured (fused CPU, emulated CUDA,
+# reference): out <= 0.72 u, gradients <= 0.93 u.
+HALF_OUTPUT_UNITS = 1.1
+HALF_GRADIENT_UNITS = 2.0
+
+
+def assert_half_precision_case(name, dtype, position_dtype, run):
+    """`run(inputs, scale, grad_out)` -> (out, grads) of an implementation, within the budgets above."""
+    rounded, grad_out, (expected_out, expected_grads) = half_precision_case(name, dtype, position_dtype)
+    out, grads = run(rounded, rounded['q'].shape[-1] ** -0.5, grad_out)
+    assert out.dtype == dtype
+    assert_within_roundoff(out, expected_out, dtype, HALF_OUTPUT_UNITS, 'out')
+    for grad_name, expected in expected_grads.items():
+        assert grads[grad_name].dtype == rounded[grad_name].dtype, grad_name
+        assert_within_roundoff(grads[grad_name], expected, dtype, HALF_GRADIENT_UNITS, f'grad {grad_name}')
+
+
+HALF_PARAMETERS = parametrize_half_cases(HALF_CASES, 'positions')
+
+
+@HALF_PARAMETERS
+@pytest.mark.parametrize('impl', [pytest.param('fused', marks=needs_cpu_op), 'reference'])
+def test_half_precision_matches_fp64_on_the_same_inputs(impl, case, dtype, mixed_dtype):
+    run = fused_outputs_and_grads if impl == 'fused' else functools.partial(reference_outputs_and_grads,
+                                                                             block_elements=HALF_REFERENCE_BLOCK)
+    assert_half_precision_case(case, dtype, mixed_dtype, run)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -326,17 +432,15 @@ def test_cuda_no_table_and_large_table_fall_back_paths(cuda_target, table):
     assert_grads_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_close_to_fp32_reference(cuda_target, dtype):
-    inputs = cuda_case(cuda_target, dtype)
-    grad_out = torch.randn(inputs['q'].shape, device=cuda_target.device, generator=cuda_target.generator(9)).to(dtype)
-    as_fp32 = {n: t.float() if t is not None else None for n, t in inputs.items()}
-    expected_out, expected_grads = reference_outputs_and_grads(as_fp32, 32 ** -0.5, grad_out.float())
-    out, grads = fused_outputs_and_grads(inputs, 32 ** -0.5, grad_out, cuda_target.op('deform_attn'))
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
-    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(out.float(), expected_out, **tolerance)
-    assert_grads_close(grads, expected_grads, **tolerance)
+@HALF_PARAMETERS
+def test_cuda_half_precision_matches_fp64_on_the_same_inputs(cuda_target, case, dtype, mixed_dtype):
+    op = cuda_target.op('deform_attn')
+
+    def run(inputs, scale, grad_out):
+        on_target = {n: t.to(cuda_target.device) for n, t in inputs.items()}
+        return fused_outputs_and_grads(on_target, scale, grad_out.to(cuda_target.device), op)
+
+    assert_half_precision_case(case, dtype, mixed_dtype, run)
 
 
 def test_cuda_fp32_gradients_match_cpu_fp64(cuda_target):

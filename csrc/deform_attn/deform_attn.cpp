@@ -11,11 +11,21 @@ namespace deform_attn {
 
 namespace {
 
-void check_same_dtype_and_device(const at::Tensor& reference, const at::Tensor& other, const char* name) {
-  TORCH_CHECK_TYPE(other.scalar_type() == reference.scalar_type(), "dat::deform_attn: ", name, " has dtype ",
-                   other.scalar_type(), " but q has ", reference.scalar_type());
-  TORCH_CHECK_VALUE(other.device() == reference.device(), "dat::deform_attn: ", name, " is on ", other.device(),
-                    " but q is on ", reference.device());
+enum class Role { activation, position };
+
+// `other` is on q's device and has q's dtype; a position or the table may instead be float32 when q is
+// float16 or bfloat16.
+void check_dtype_and_device(const at::Tensor& q, const at::Tensor& other, const char* name,
+                            Role role = Role::activation) {
+  const bool float32_beside_half = role == Role::position && other.scalar_type() == at::kFloat &&
+                                   (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+  TORCH_CHECK_TYPE(other.scalar_type() == q.scalar_type() || float32_beside_half, "dat::deform_attn: ", name,
+                   " has dtype ", other.scalar_type(), " but q has ", q.scalar_type(),
+                   role == Role::position ? " (kpos, qpos and rpe take q's dtype, or float32 when q is float16 or "
+                                            "bfloat16)"
+                                          : "");
+  TORCH_CHECK_VALUE(other.device() == q.device(), "dat::deform_attn: ", name, " is on ", other.device(),
+                    " but q is on ", q.device());
 }
 
 }  // namespace
@@ -46,10 +56,10 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     " heads cannot be split evenly into ", geometry.groups, " offset groups");
   TORCH_CHECK_VALUE(qpos.dim() == 2 && qpos.size(0) == geometry.queries && qpos.size(1) == 2,
                     "dat::deform_attn: qpos must be (Nq=", geometry.queries, ", 2); got ", qpos.sizes());
-  check_same_dtype_and_device(q, k, "k");
-  check_same_dtype_and_device(q, v, "v");
-  check_same_dtype_and_device(q, kpos, "kpos");
-  check_same_dtype_and_device(q, qpos, "qpos");
+  check_dtype_and_device(q, k, "k");
+  check_dtype_and_device(q, v, "v");
+  check_dtype_and_device(q, kpos, "kpos", Role::position);
+  check_dtype_and_device(q, qpos, "qpos", Role::position);
   if (rpe.has_value()) {
     TORCH_CHECK_VALUE(rpe->dim() == 3 && rpe->size(0) == geometry.heads && rpe->size(1) > 0 && rpe->size(2) > 0,
                       "dat::deform_attn: rpe must be (heads=", geometry.heads, ", Th, Tw) with a non-empty table; got ",
@@ -57,7 +67,7 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK_VALUE(rpe->size(1) * rpe->size(2) <= std::numeric_limits<int32_t>::max(),
                       "dat::deform_attn: relative-position table of ", rpe->size(1), " x ", rpe->size(2),
                       " is too large");
-    check_same_dtype_and_device(q, *rpe, "rpe");
+    check_dtype_and_device(q, *rpe, "rpe", Role::position);
     geometry.table_height = rpe->size(1);
     geometry.table_width = rpe->size(2);
   }
@@ -71,8 +81,8 @@ Problem check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, c
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "dat::deform_attn_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
                     grad_out.sizes(), " and ", out.sizes());
-  check_same_dtype_and_device(q, grad_out, "grad_out");
-  check_same_dtype_and_device(q, out, "out");
+  check_dtype_and_device(q, grad_out, "grad_out");
+  check_dtype_and_device(q, out, "out");
   const at::ScalarType lse_dtype = logsumexp_dtype(q.scalar_type());
   TORCH_CHECK_VALUE(logsumexp.sizes() == q.sizes().slice(0, 3) && logsumexp.scalar_type() == lse_dtype &&
                         logsumexp.device() == q.device(),

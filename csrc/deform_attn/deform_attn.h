@@ -27,14 +27,16 @@ inline at::ScalarType logsumexp_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The inputs made contiguous (kernels index them densely); rpe is undefined when absent.
+// The inputs as a kernel reads them: contiguous, and kpos, qpos, rpe in `position_dtype` (converted
+// unless they already are); rpe is undefined when absent.
 struct ContiguousInputs {
   at::Tensor q, k, v, kpos, qpos, rpe;
 
   ContiguousInputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kpos_in,
-                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in)
-      : q(q_in.contiguous()), k(k_in.contiguous()), v(v_in.contiguous()), kpos(kpos_in.contiguous()),
-        qpos(qpos_in.contiguous()), rpe(rpe_in.has_value() ? rpe_in->contiguous() : at::Tensor()) {}
+                   const at::Tensor& qpos_in, const std::optional<at::Tensor>& rpe_in, at::ScalarType position_dtype)
+      : q(q_in.contiguous()), k(k_in.contiguous()), v(v_in.contiguous()),
+        kpos(kpos_in.contiguous().to(position_dtype)), qpos(qpos_in.contiguous().to(position_dtype)),
+        rpe(rpe_in.has_value() ? rpe_in->contiguous().to(position_dtype) : at::Tensor()) {}
 
   template <typename scalar_t>
   const scalar_t* table() const {
@@ -43,7 +45,9 @@ struct ContiguousInputs {
 };
 
 // Checks ranks, shapes, dtypes and devices of the forward inputs (contiguity is not required: the
-// kernels call .contiguous()) and returns the problem geometry.
+// kernels call .contiguous()) and returns the problem geometry. k and v have q's dtype; kpos, qpos
+// and rpe have it too, or are float32 when q is float16 or bfloat16 (positions rounded to 8 or 11
+// bits move the bias, so callers under autocast keep them in float32).
 Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kpos,
                      const at::Tensor& qpos, const std::optional<at::Tensor>& rpe);
 

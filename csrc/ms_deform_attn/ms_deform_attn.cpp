@@ -7,9 +7,12 @@
 //   sampling_locations  (N, Lq, M, L, P, 2) (x, y) normalised to [0, 1]
 //   attention_weights   (N, Lq, M, L, P)
 //   output              (N, Lq, M * D)
+// sampling_locations and attention_weights have value's dtype, or float32 beside a float16 or bfloat16
+// value (a location rounded to 8 bits is off by up to 1/512 of the level's width).
 #include "ms_deform_attn/ms_deform_attn.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "common/library.h"
 
@@ -48,10 +51,16 @@ Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, 
                     sampling_locations.sizes().slice(0, 5), ", got shape ", attention_weights.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(value.scalar_type()), "dat::ms_deform_attn: value must be floating point, got ",
                    value.scalar_type());
-  TORCH_CHECK_TYPE(
-      sampling_locations.scalar_type() == value.scalar_type() && attention_weights.scalar_type() == value.scalar_type(),
-      "dat::ms_deform_attn: value, sampling_locations and attention_weights must share one dtype, got ",
-      value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
+  const auto dtype_fits = [&](const at::Tensor& tensor) {
+    const bool float32_beside_half = tensor.scalar_type() == at::kFloat &&
+                                     (value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16);
+    return tensor.scalar_type() == value.scalar_type() || float32_beside_half;
+  };
+  TORCH_CHECK_TYPE(dtype_fits(sampling_locations) && dtype_fits(attention_weights),
+                   "dat::ms_deform_attn: sampling_locations and attention_weights must have value's dtype (or "
+                   "float32 when value is float16 or bfloat16), got value ",
+                   value.scalar_type(), ", sampling_locations ", sampling_locations.scalar_type(),
+                   ", attention_weights ", attention_weights.scalar_type());
   TORCH_CHECK_VALUE(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
                     "dat::ms_deform_attn: value, sampling_locations and attention_weights must be on one device, got ",
                     value.device(), ", ", sampling_locations.device(), ", ", attention_weights.device());
@@ -90,8 +99,10 @@ LevelLayout read_level_layout(const at::Tensor& spatial_shapes, const at::Tensor
 Inputs prepare_inputs(const Problem& problem, const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                       const at::Tensor& attention_weights) {
+  const at::ScalarType accumulation = at::toOpMathType(value.scalar_type());
+  const auto as_accumulation = [&](const at::Tensor& tensor) { return tensor.contiguous().to(accumulation); };
   return {problem, read_level_layout(spatial_shapes, level_start_index, problem), value.contiguous(),
-          sampling_locations.contiguous(), attention_weights.contiguous()};
+          as_accumulation(sampling_locations), as_accumulation(attention_weights)};
 }
 
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& size) {

@@ -26,7 +26,9 @@ struct LevelLayout {
   std::vector<int64_t> start;
 };
 
-// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous.
+// The forward inputs, checked, with the level geometry on the host and the float tensors contiguous:
+// value in its dtype, sampling_locations and attention_weights in value's accumulation dtype
+// (at::opmath_type: float32 beside a float16 or bfloat16 value), which the kernels read them in.
 struct Inputs {
   Problem problem;
   LevelLayout layout;
@@ -41,7 +43,8 @@ Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, 
                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights);
 
 // Checks that the levels tile the value of the checked `problem` exactly: positive sizes, starts at the
-// running sum of H * W, total S. Reading the level geometry is a device-to-host copy when it lives on a GPU.
+// running sum of H * W, total S; returns the inputs with sampling locations and attention weights in the
+// accumulation dtype. Reading the level geometry is a device-to-host copy when it lives on a GPU.
 Inputs prepare_inputs(const Problem& problem, const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                       const at::Tensor& attention_weights);

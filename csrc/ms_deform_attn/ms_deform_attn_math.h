@@ -34,9 +34,11 @@ C10_HOST_DEVICE inline BilinearStencil<acc_t> bilinear_stencil(acc_t x, acc_t y,
   const acc_t px = x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
   const acc_t py = y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
   // Phrased so that NaN fails it: such locations, and any whose four taps are all outside,
-  // sample nothing (this also keeps floor() from overflowing int64 on huge coordinates).
-  const bool touches_level = px > static_cast<acc_t>(-1) && px < static_cast<acc_t>(width) &&
-                             py > static_cast<acc_t>(-1) && py < static_cast<acc_t>(height);
+  // sample nothing (this also keeps floor() from overflowing int64 on huge coordinates). At
+  // px = -1 the tap x0 + 1 = 0 is inside with weight 0: kept, so that the location gradient there
+  // is the right-hand derivative, as at every other kink (grid_sample's rule).
+  const bool touches_level = px >= static_cast<acc_t>(-1) && px < static_cast<acc_t>(width) &&
+                             py >= static_cast<acc_t>(-1) && py < static_cast<acc_t>(height);
   if (!touches_level) {
     for (int k = 0; k < kTaps; ++k) {
       stencil.pixel[k] = 0;

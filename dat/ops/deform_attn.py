@@ -8,6 +8,10 @@ offset group of head m. Positions are (y, x) pairs normalised to [-1, 1]; the ta
 size (it is trained at one resolution and used at every other).
 
 Shapes: q (B, M, Nq, D); k, v (B, M, Nk, D); kpos (B, G, Nk, 2); qpos (Nq, 2); rpe (M, Th, Tw) or None.
+
+Dtypes: k, v have q's dtype; kpos, qpos and rpe have it too, or are float32 when q is float16 or
+bfloat16. Pass float32 positions with half-precision q, k, v: a position rounded to bfloat16 is off by
+up to 2^-9 of its value, which moves the sampled bias (and its gradient) by as much.
 """
 from typing import Any, Dict, Optional, Union
 
@@ -15,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_refusal,
-                         read_kernel_limits, resolve_impl, shared_memory_refusal)
+from ._extension import (HALF_DTYPES, FusedOpBinding, Refusal, accumulation_dtype, autograd_will_run, bind_fused_op,
+                         dtype_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -56,7 +60,11 @@ def check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe) -> None:
                   lambda: f'rpe must be (heads={M}, Th, Tw) with a non-empty table; got {tuple(rpe.shape)}')
             check(rpe.shape[1] * rpe.shape[2] <= MAX_TABLE_ELEMENTS,
                   lambda: f'relative-position table of {rpe.shape[1]} x {rpe.shape[2]} is too large')
-        check(tensor.dtype == q.dtype, lambda: f'{name} has dtype {tensor.dtype} but q has {q.dtype}',
+        position = name in ('kpos', 'qpos', 'rpe')
+        float32_beside_half = position and tensor.dtype == torch.float32 and q.dtype in HALF_DTYPES
+        check(tensor.dtype == q.dtype or float32_beside_half,
+              lambda: f'{name} has dtype {tensor.dtype} but q has {q.dtype}' + (
+                  " (kpos, qpos and rpe take q's dtype, or float32 when q is float16 or bfloat16)" if position else ''),
               torch._check_type)
         check(tensor.device == q.device, lambda: f'{name} is on {tensor.device} but q is on {q.device}')
 
@@ -86,13 +94,17 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
 
     When gradients are needed each block is checkpointed (recomputed in backward), so backward memory
     is bounded by the block size too. `block_elements=None` evaluates the official math in one piece,
-    exactly as the original implementation does (the benchmarks' baseline).
+    as the original implementation does (the benchmarks' baseline). Half-precision inputs are computed on
+    float32 copies and the output is rounded to q's dtype once, as the fused kernels do.
     """
+    out_dtype = q.dtype
+    q, k, v, kpos, qpos, rpe = (t.to(accumulation_dtype(out_dtype)) if t is not None else None
+                                for t in (q, k, v, kpos, qpos, rpe))
     B, M, Nq, _ = q.shape
     Nk = k.shape[2]
     chunk = Nq if block_elements is None else max(1, block_elements // max(1, B * M * Nk))
     if chunk >= Nq:
-        return _reference_block(q, k, v, kpos, qpos, rpe, scale)
+        return _reference_block(q, k, v, kpos, qpos, rpe, scale).to(out_dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, kpos, qpos, rpe))
     outputs = []
@@ -100,7 +112,7 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
         block = (q[:, :, start:start + chunk], k, v, kpos, qpos[start:start + chunk], rpe, scale)
         outputs.append(checkpoint(_reference_block, *block, use_reentrant=False) if needs_grad
                        else _reference_block(*block))
-    return torch.cat(outputs, dim=2)
+    return torch.cat(outputs, dim=2).to(out_dtype)
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, queries: int,
@@ -171,14 +183,10 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
 
 
-def _logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Mirrors logsumexp_dtype() in csrc/deform_attn/deform_attn.h.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(q, k, v, kpos, qpos, rpe, scale):
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
+    # The logsumexp is in the accumulation dtype, as logsumexp_dtype() in csrc/deform_attn/deform_attn.h says.
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):

@@ -8,14 +8,18 @@ spatial shape (H_l, W_l) (`spatial_shapes`, (L, 2) int64) and starts at row `lev
 location (x, y) in [0, 1], i.e. pixel coordinate (x * W_l - 0.5, y * H_l - 0.5) (grid_sample's
 align_corners=False convention), with zeros outside the level. Sampling locations are
 (N, Lq, M, L, P, 2) (x, y) pairs; attention weights are (N, Lq, M, L, P); the output is (N, Lq, M * D).
+
+Sampling locations and attention weights have value's dtype, or are float32 beside a float16 or
+bfloat16 value; pass float32 locations then: one rounded to bfloat16 is off by up to 1/512 of the
+level's width.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._extension import (FusedOpBinding, Refusal, bind_fused_op, dtype_refusal, grid_refusal, read_kernel_limits,
-                         resolve_impl)
+from ._extension import (HALF_DTYPES, FusedOpBinding, Refusal, accumulation_dtype, bind_fused_op, dtype_refusal,
+                         grid_refusal, read_kernel_limits, resolve_impl)
 
 OP_NAME = 'ms_deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -52,9 +56,14 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
            lambda: f'attention_weights must be (N, queries, heads, levels, points) = '
                    f'{tuple(sampling_locations.shape[:5])}, got shape {tuple(attention_weights.shape)}')
     _check(value.is_floating_point(), lambda: f'value must be floating point, got {value.dtype}', torch._check_type)
-    _check(sampling_locations.dtype == value.dtype and attention_weights.dtype == value.dtype,
-           lambda: f'value, sampling_locations and attention_weights must share one dtype, got {value.dtype}, '
-                   f'{sampling_locations.dtype}, {attention_weights.dtype}', torch._check_type)
+
+    def dtype_fits(tensor):
+        return tensor.dtype == value.dtype or (tensor.dtype == torch.float32 and value.dtype in HALF_DTYPES)
+
+    _check(dtype_fits(sampling_locations) and dtype_fits(attention_weights),
+           lambda: f"sampling_locations and attention_weights must have value's dtype (or float32 when value is "
+                   f'float16 or bfloat16), got value {value.dtype}, sampling_locations {sampling_locations.dtype}, '
+                   f'attention_weights {attention_weights.dtype}', torch._check_type)
     _check(sampling_locations.device == value.device and attention_weights.device == value.device,
            lambda: f'value, sampling_locations and attention_weights must be on one device, got {value.device}, '
                    f'{sampling_locations.device}, {attention_weights.device}')
@@ -80,7 +89,11 @@ def level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                              attention_weights) -> torch.Tensor:
-    """Pure-PyTorch definition: one `grid_sample` per level (align_corners=False, zeros padding)."""
+    """Pure-PyTorch definition: one `grid_sample` per level (align_corners=False, zeros padding). Half-precision
+    inputs are computed on float32 copies and the output is rounded to value's dtype once."""
+    out_dtype = value.dtype
+    value, sampling_locations, attention_weights = (
+        t.to(accumulation_dtype(out_dtype)) for t in (value, sampling_locations, attention_weights))
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     grids = sampling_locations * 2 - 1  # grid_sample wants [-1, 1]
@@ -93,7 +106,7 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     sampled = torch.stack(samples, dim=3).flatten(3)  # (N * M, D, Lq, L * P)
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     output = (sampled * weights).sum(-1)  # (N * M, D, Lq)
-    return output.reshape(N, M * D, Lq).transpose(1, 2).contiguous()
+    return output.reshape(N, M * D, Lq).transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format)
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, queries: int, heads: int,

@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_name, dtype_refusal,
-                         grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
+from ._extension import (FusedOpBinding, Refusal, accumulation_dtype, autograd_will_run, bind_fused_op, dtype_name,
+                         dtype_refusal, grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'neighborhood_attn'
 OP = f'dat::{OP_NAME}'
@@ -91,8 +91,11 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
 
     The forward never holds more than `block_elements` gathered keys (and as many values) at once;
     autograd keeps the gathered blocks for the backward, k*k times the size of k and v in total.
+    Half-precision inputs are computed on float32 copies and the output is rounded to q's dtype once.
     """
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
+    out_dtype = q.dtype
+    q, k, v, rpb = (t.to(accumulation_dtype(out_dtype)) for t in (q, k, v, rpb))
     B, M, H, W, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     key_index, bias_index = neighborhood_tables(H, W, kernel_size, dilation, q.device)
@@ -107,7 +110,7 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
         probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
         outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.reshape(B, M, H, W, D)
+    return out.reshape(B, M, H, W, D).to(out_dtype)
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, height: int,
@@ -162,13 +165,9 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     return neighborhood_attention_reference(q, k, v, rpb, kernel_size, dilation, scale)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
-    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
+    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=accumulation_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), attn
 
 

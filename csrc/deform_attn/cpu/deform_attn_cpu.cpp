@@ -1,18 +1,27 @@
-// CPU kernels of dat::deform_attn (float32, float64).
+// CPU kernels of dat::deform_attn (float64, float32, and float16 / bfloat16 computed in float32).
 //
 // Flash style: a work item is one (batch, offset group, query tile); keys are streamed in tiles
 // through an online softmax, so no (Nq x Nk) tensor exists and memory stays linear in Nq + Nk. The
 // matrix products of a tile (Q K^T and P V; in backward also dO V^T, P^T dO, dS^T Q and dS K) go to
 // ATen's BLAS. The bias of a pair is interpolated inside one cell of the table; the cell and the
 // in-cell position are computed once per pair and reused by every head of the offset group.
+//
+// float16 / bfloat16 q, k, v (and grad_out) stay in their dtype: each tile's rows are converted to
+// float32 in the worker's workspace before its products (a key tile once per query tile, about
+// 1 / (2 x query tile) of the products' work), everything accumulates in float32, and out and the
+// gradients are rounded to their inputs' dtypes once. No float32 copy of the inputs exists, and no
+// pass over them runs outside the kernel's one parallel region. Positions and table (small) are
+// converted to float32 once per call, or used as they are when the caller passes them in float32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_isa.h"
@@ -73,7 +82,7 @@ struct CellGrid {
 
 // The limits of these kernels (common/kernel_limits.h): the dtypes they are built for, and pair cells
 // hold int32 coefficient offsets, so a head's coefficients must be indexable with int32.
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
 constexpr int64_t kMaxCellCoefficients = kMaxInt32;
 
 void check_limits(const Problem& geometry, at::ScalarType dtype) {
@@ -147,11 +156,13 @@ struct WorkItem {
   Tile queries;
 };
 
-template <typename scalar_t>
+// scalar_t is the type the kernel computes in (float or double); input_t the type of q, k, v, out and the
+// gradients of q, k, v: scalar_t itself, or float16 / bfloat16 beside float.
+template <typename scalar_t, typename input_t>
 struct Operands {
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
+  const input_t* q;
+  const input_t* k;
+  const input_t* v;
   const scalar_t* kpos;
   const scalar_t* qpos;
   const scalar_t* cell_coefficients;  // (M, cells), see CellGrid; nullptr when there is no bias
@@ -162,7 +173,7 @@ struct Operands {
   CellGrid cells;
 
   Operands(const ContiguousInputs& inputs, const at::Tensor& coefficients, double scale_in, const Problem& geometry_in)
-      : q(inputs.q.data_ptr<scalar_t>()), k(inputs.k.data_ptr<scalar_t>()), v(inputs.v.data_ptr<scalar_t>()),
+      : q(inputs.q.data_ptr<input_t>()), k(inputs.k.data_ptr<input_t>()), v(inputs.v.data_ptr<input_t>()),
         kpos(inputs.kpos.data_ptr<scalar_t>()), qpos(inputs.qpos.data_ptr<scalar_t>()),
         cell_coefficients(coefficients.defined() ? coefficients.data_ptr<scalar_t>() : nullptr),
         scale(static_cast<scalar_t>(scale_in)), geometry(geometry_in), key_tiling(geometry.keys, kMaxKeyTile),
@@ -189,10 +200,10 @@ struct Operands {
 };
 
 // What the backward reads besides the forward inputs.
-template <typename scalar_t>
+template <typename scalar_t, typename input_t>
 struct BackwardOperands {
-  const scalar_t* grad_out;
-  const scalar_t* out;
+  const input_t* grad_out;
+  const input_t* out;
   const scalar_t* logsumexp;
 };
 
@@ -226,14 +237,28 @@ struct Workspace {
   std::vector<scalar_t> running_sum;
   std::vector<scalar_t> deltas;         // <grad_out, out> per row (backward)
   std::vector<scalar_t> grad_key_frac;  // 2 per key of the tile (backward)
+  // One head's q and grad_out rows of the query tile and k and v rows of the key tile, converted to
+  // scalar_t; empty when the inputs already are scalar_t (the products then read them in place).
+  std::vector<scalar_t> query_rows;
+  std::vector<scalar_t> grad_out_rows;
+  std::vector<scalar_t> key_rows;
+  std::vector<scalar_t> value_rows;
 
-  explicit Workspace(const Operands<scalar_t>& ops)
+  template <typename input_t>
+  explicit Workspace(const Operands<scalar_t, input_t>& ops)
       : pairs(ops.has_bias() ? ops.query_tiling.size * ops.key_tiling.size : 0),
         logits(ops.query_tiling.size * ops.key_tiling.size),
         grad_logits(ops.query_tiling.size * ops.key_tiling.size),
         accumulators(ops.geometry.heads_per_group() * ops.query_tiling.size * ops.geometry.head_dim),
         running_max(ops.geometry.heads_per_group() * ops.query_tiling.size),
-        running_sum(running_max.size()), deltas(running_max.size()), grad_key_frac(2 * ops.key_tiling.size) {}
+        running_sum(running_max.size()), deltas(running_max.size()), grad_key_frac(2 * ops.key_tiling.size) {
+    if constexpr (!std::is_same_v<scalar_t, input_t>) {
+      query_rows.resize(ops.query_tiling.size * ops.geometry.head_dim);
+      grad_out_rows.resize(query_rows.size());
+      key_rows.resize(ops.key_tiling.size * ops.geometry.head_dim);
+      value_rows.resize(key_rows.size());
+    }
+  }
 };
 
 // The kernels, for the baseline instruction set and AVX2 + FMA (common/cpu_isa.h); the products are BLAS
@@ -247,18 +272,22 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cpu(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& rpe_in, double scale) {
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   check_limits(geometry, q_in.scalar_type());
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const at::ScalarType compute_dtype = at::toOpMathType(q_in.scalar_type());
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, compute_dtype);
   const at::Tensor& q = inputs.q;
   at::Tensor out = at::empty_like(q);
+  // logsumexp_dtype() is the compute dtype, so the kernel writes it directly.
   at::Tensor logsumexp = at::empty({geometry.batch, geometry.heads, geometry.queries},
                                    q.options().dtype(logsumexp_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, logsumexp};
   const at::Tensor coefficients = inputs.rpe.defined() ? cell_coefficients(inputs.rpe) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_forward_cpu", [&] {
-    const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
-    scalar_t* out_data = out.data_ptr<scalar_t>();
-    scalar_t* logsumexp_data = logsumexp.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "deform_attn_forward_cpu", [&] {
+    using input_t = scalar_t;
+    using compute_t = at::opmath_type<input_t>;
+    const Operands<compute_t, input_t> ops(inputs, coefficients, scale, geometry);
+    input_t* out_data = out.data_ptr<input_t>();
+    compute_t* logsumexp_data = logsumexp.data_ptr<compute_t>();
     at::parallel_for(0, ops.work_item_count(), 1, [&](int64_t begin, int64_t end) {
       DAT_CPU_ISA_CALL(forward_items, ops, begin, end, out_data, logsumexp_data);
     });
@@ -273,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   const Problem geometry =
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   check_limits(geometry, q_in.scalar_type());
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const at::ScalarType compute_dtype = at::toOpMathType(q_in.scalar_type());
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, compute_dtype);
   const at::Tensor &q = inputs.q, &k = inputs.k, &v = inputs.v, &kpos = inputs.kpos, &rpe = inputs.rpe;
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
@@ -282,26 +312,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
 
   // Work is split into one contiguous range of work items per worker, each with its own key-side
   // gradient buffers (keys are shared by all query tiles): no races, and a result that does not
-  // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + 4 |padded rpe|).
+  // depend on scheduling. Extra memory: workers x (|k| + |v| + |kpos| + 4 |padded rpe|), in the compute
+  // dtype.
   at::Tensor grad_q = at::zeros_like(q);
   at::Tensor grad_k, grad_v, grad_kpos, grad_coefficients;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "deform_attn_backward_cpu", [&] {
-    const Operands<scalar_t> ops(inputs, coefficients, scale, geometry);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "deform_attn_backward_cpu", [&] {
+    using input_t = scalar_t;
+    using compute_t = at::opmath_type<input_t>;
+    const Operands<compute_t, input_t> ops(inputs, coefficients, scale, geometry);
     const int64_t items = ops.work_item_count();
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-    grad_k = at::zeros({workers, k.numel()}, k.options());
-    grad_v = at::zeros({workers, v.numel()}, v.options());
-    grad_kpos = at::zeros({workers, kpos.numel()}, kpos.options());
-    grad_coefficients = at::zeros({workers, rpe.defined() ? geometry.heads * cells.size() : 0}, q.options());
+    const at::TensorOptions accumulate = q.options().dtype(compute_dtype);
+    grad_k = at::zeros({workers, k.numel()}, accumulate);
+    grad_v = at::zeros({workers, v.numel()}, accumulate);
+    grad_kpos = at::zeros({workers, kpos.numel()}, accumulate);
+    grad_coefficients = at::zeros({workers, rpe.defined() ? geometry.heads * cells.size() : 0}, accumulate);
     if (q.numel() == 0) return;
-    const BackwardOperands<scalar_t> saved{grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                           logsumexp.data_ptr<scalar_t>()};
-    scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
+    const BackwardOperands<compute_t, input_t> saved{grad_out.data_ptr<input_t>(), out.data_ptr<input_t>(),
+                                                     logsumexp.data_ptr<compute_t>()};
+    input_t* grad_q_data = grad_q.data_ptr<input_t>();
     at::parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
       for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
-        const GradientSinks<scalar_t> sinks{grad_k[worker].data_ptr<scalar_t>(), grad_v[worker].data_ptr<scalar_t>(),
-                                            grad_kpos[worker].data_ptr<scalar_t>(),
-                                            grad_coefficients[worker].data_ptr<scalar_t>()};
+        const GradientSinks<compute_t> sinks{
+            grad_k[worker].data_ptr<compute_t>(), grad_v[worker].data_ptr<compute_t>(),
+            grad_kpos[worker].data_ptr<compute_t>(), grad_coefficients[worker].data_ptr<compute_t>()};
         DAT_CPU_ISA_CALL(backward_items, ops, saved, items * worker / workers, items * (worker + 1) / workers, sinks,
                          grad_q_data);
       }
@@ -310,9 +344,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
   at::Tensor grad_rpe = rpe.defined() ? table_gradient(grad_coefficients.sum(0).view({geometry.heads, cells.rows,
                                                                                          cells.columns, 4}),
                                                        geometry.table_height, geometry.table_width)
-                                      : q.new_empty({0});
-  return {grad_q, grad_k.sum(0).view(k.sizes()), grad_v.sum(0).view(v.sizes()), grad_kpos.sum(0).view(kpos.sizes()),
-          grad_rpe};
+                                                .to(rpe_in->scalar_type())
+                                      : q_in.new_empty({0});
+  return {grad_q, grad_k.sum(0).view(k.sizes()).to(k_in.scalar_type()),
+          grad_v.sum(0).view(v.sizes()).to(v_in.scalar_type()),
+          grad_kpos.sum(0).view(kpos.sizes()).to(kpos_in.scalar_type()), grad_rpe};
 }
 
 }  // namespace

@@ -25,9 +25,9 @@ inline double exp_vectorisable(double x) { return exp_of(x); }
 
 // The table cell and in-cell position of every (query, key) pair of a tile; the same for all heads
 // of the offset group. Pairs outside the table get cell 0 (all-zero coefficients) and position 0.
-template <typename scalar_t>
-void locate_pairs(const Operands<scalar_t>& ops, const Tile& queries, const Tile& keys, const scalar_t* key_pos,
-                  PairCells<scalar_t>& pairs) {
+template <typename scalar_t, typename input_t>
+void locate_pairs(const Operands<scalar_t, input_t>& ops, const Tile& queries, const Tile& keys,
+                  const scalar_t* key_pos, PairCells<scalar_t>& pairs) {
   const Problem& geometry = ops.geometry;
   const int64_t height = geometry.table_height, width = geometry.table_width;
   const scalar_t row_limit = scalar_t(height), col_limit = scalar_t(width);
@@ -122,22 +122,54 @@ void online_softmax_row(scalar_t* __restrict__ logits, int64_t count, scalar_t& 
   running_sum += weight_sum;
 }
 
-// Logits scale * Q K^T (+ bias) of one head for the pairs of `pairs`, into workspace.logits.
-template <typename scalar_t>
-void tile_logits(const Operands<scalar_t>& ops, const WorkItem& item, int64_t head, const Tile& keys,
-                 Workspace<scalar_t>& workspace) {
-  const int64_t head_dim = ops.geometry.head_dim;
-  matmul<scalar_t>(ops.q + ops.query_offset(item.batch, head, item.queries.begin), head_dim, false,
-                   ops.k + ops.key_offset(item.batch, head, keys.begin), head_dim, true, workspace.logits.data(),
-                   keys.count, item.queries.count, keys.count, head_dim, ops.scale, scalar_t(0));
-  if (ops.has_bias()) {
-    add_bias(ops.coefficients(head), workspace.pairs, item.queries.count * keys.count, workspace.logits.data());
+// `count` rows of head_dim elements as scalar_t: the rows themselves when input_t is scalar_t, else
+// converted into `staging`.
+template <typename scalar_t, typename input_t>
+const scalar_t* rows_as_compute_type(const input_t* rows, int64_t count, int64_t head_dim,
+                                     std::vector<scalar_t>& staging) {
+  if constexpr (std::is_same_v<scalar_t, input_t>) {
+    return rows;
+  } else {
+    scalar_t* __restrict__ staged = staging.data();
+    for (int64_t e = 0; e < count * head_dim; ++e) staged[e] = static_cast<scalar_t>(rows[e]);
+    return staged;
   }
 }
 
+// One head's q rows of the query tile and k, v rows of the key tile, as scalar_t.
 template <typename scalar_t>
-void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace<scalar_t>& workspace,
-                  scalar_t* out, scalar_t* logsumexp) {
+struct HeadRows {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+};
+
+template <typename scalar_t, typename input_t>
+HeadRows<scalar_t> head_rows(const Operands<scalar_t, input_t>& ops, const WorkItem& item, int64_t head,
+                             const Tile& keys, Workspace<scalar_t>& workspace) {
+  const int64_t head_dim = ops.geometry.head_dim;
+  const int64_t key_offset = ops.key_offset(item.batch, head, keys.begin);
+  return {rows_as_compute_type(ops.q + ops.query_offset(item.batch, head, item.queries.begin), item.queries.count,
+                               head_dim, workspace.query_rows),
+          rows_as_compute_type(ops.k + key_offset, keys.count, head_dim, workspace.key_rows),
+          rows_as_compute_type(ops.v + key_offset, keys.count, head_dim, workspace.value_rows)};
+}
+
+// Logits scale * Q K^T (+ bias) of one head for the pairs of `pairs`, into workspace.logits.
+template <typename scalar_t, typename input_t>
+void tile_logits(const Operands<scalar_t, input_t>& ops, const HeadRows<scalar_t>& rows, int64_t head,
+                 int64_t query_count, const Tile& keys, Workspace<scalar_t>& workspace) {
+  const int64_t head_dim = ops.geometry.head_dim;
+  matmul<scalar_t>(rows.q, head_dim, false, rows.k, head_dim, true, workspace.logits.data(), keys.count, query_count,
+                   keys.count, head_dim, ops.scale, scalar_t(0));
+  if (ops.has_bias()) {
+    add_bias(ops.coefficients(head), workspace.pairs, query_count * keys.count, workspace.logits.data());
+  }
+}
+
+template <typename scalar_t, typename input_t>
+void forward_item(const Operands<scalar_t, input_t>& ops, const WorkItem& item, Workspace<scalar_t>& workspace,
+                  input_t* out, scalar_t* logsumexp) {
   const Problem& geometry = ops.geometry;
   const int64_t head_dim = geometry.head_dim;
   const int64_t heads_per_group = geometry.heads_per_group();
@@ -154,16 +186,16 @@ void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace
     }
     for (int64_t h = 0; h < heads_per_group; ++h) {
       const int64_t head = item.group * heads_per_group + h;
-      tile_logits(ops, item, head, keys, workspace);
+      const HeadRows<scalar_t> rows = head_rows(ops, item, head, keys, workspace);
+      tile_logits(ops, rows, head, query_count, keys, workspace);
       scalar_t* accumulators = workspace.accumulators.data() + h * query_count * head_dim;
       for (int64_t i = 0; i < query_count; ++i) {
         online_softmax_row(workspace.logits.data() + i * keys.count, keys.count,
                            workspace.running_max[h * query_count + i], workspace.running_sum[h * query_count + i],
                            accumulators + i * head_dim, head_dim);
       }
-      matmul<scalar_t>(workspace.logits.data(), keys.count, false,
-                       ops.v + ops.key_offset(item.batch, head, keys.begin), head_dim, false, accumulators,
-                       head_dim, query_count, head_dim, keys.count, scalar_t(1), scalar_t(1));
+      matmul<scalar_t>(workspace.logits.data(), keys.count, false, rows.v, head_dim, false, accumulators, head_dim,
+                       query_count, head_dim, keys.count, scalar_t(1), scalar_t(1));
     }
   }
 
@@ -174,16 +206,17 @@ void forward_item(const Operands<scalar_t>& ops, const WorkItem& item, Workspace
       const int64_t query_offset = ops.query_offset(item.batch, head, item.queries.begin + i);
       const scalar_t inverse_sum = scalar_t(1) / workspace.running_sum[row];
       for (int64_t d = 0; d < head_dim; ++d) {
-        out[query_offset + d] = workspace.accumulators[row * head_dim + d] * inverse_sum;
+        out[query_offset + d] = static_cast<input_t>(workspace.accumulators[row * head_dim + d] * inverse_sum);
       }
       logsumexp[query_offset / head_dim] = workspace.running_max[row] + log_of(workspace.running_sum[row]);
     }
   }
 }
 
-template <typename scalar_t>
-void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, const WorkItem& item,
-                   Workspace<scalar_t>& workspace, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
+template <typename scalar_t, typename input_t>
+void backward_item(const Operands<scalar_t, input_t>& ops, const BackwardOperands<scalar_t, input_t>& saved,
+                   const WorkItem& item, Workspace<scalar_t>& workspace, const GradientSinks<scalar_t>& sinks,
+                   input_t* grad_q) {
   const Problem& geometry = ops.geometry;
   const int64_t head_dim = geometry.head_dim;
   const int64_t heads_per_group = geometry.heads_per_group();
@@ -194,7 +227,9 @@ void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_
     for (int64_t i = 0; i < query_count; ++i) {
       const int64_t offset = ops.query_offset(item.batch, head, item.queries.begin + i);
       scalar_t delta = 0;
-      for (int64_t d = 0; d < head_dim; ++d) delta += saved.grad_out[offset + d] * saved.out[offset + d];
+      for (int64_t d = 0; d < head_dim; ++d) {
+        delta += static_cast<scalar_t>(saved.grad_out[offset + d]) * static_cast<scalar_t>(saved.out[offset + d]);
+      }
       workspace.deltas[h * query_count + i] = delta;
     }
   }
@@ -210,12 +245,15 @@ void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_
       const int64_t head = item.group * heads_per_group + h;
       const int64_t query_offset = ops.query_offset(item.batch, head, item.queries.begin);
       const int64_t key_offset = ops.key_offset(item.batch, head, keys.begin);
-      tile_logits(ops, item, head, keys, workspace);
+      const HeadRows<scalar_t> rows = head_rows(ops, item, head, keys, workspace);
+      const scalar_t* grad_out =
+          rows_as_compute_type(saved.grad_out + query_offset, query_count, head_dim, workspace.grad_out_rows);
+      tile_logits(ops, rows, head, query_count, keys, workspace);
       scalar_t* probs = workspace.logits.data();
       scalar_t* grad_logits = workspace.grad_logits.data();
       // grad_probs = dO V^T, then turned in place into the logit gradients.
-      matmul<scalar_t>(saved.grad_out + query_offset, head_dim, false, ops.v + key_offset, head_dim, true,
-                       grad_logits, keys.count, query_count, keys.count, head_dim, scalar_t(1), scalar_t(0));
+      matmul<scalar_t>(grad_out, head_dim, false, rows.v, head_dim, true, grad_logits, keys.count, query_count,
+                       keys.count, head_dim, scalar_t(1), scalar_t(0));
       for (int64_t i = 0; i < query_count; ++i) {
         const scalar_t row_logsumexp = saved.logsumexp[query_offset / head_dim + i];
         const scalar_t row_delta = workspace.deltas[h * query_count + i];
@@ -227,11 +265,11 @@ void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_
           row_grads[j] = softmax_logit_grad(row_probs[j], row_grads[j], row_delta);
         }
       }
-      matmul<scalar_t>(probs, keys.count, true, saved.grad_out + query_offset, head_dim, false, sinks.v + key_offset,
-                       head_dim, keys.count, head_dim, query_count, scalar_t(1), scalar_t(1));
-      matmul<scalar_t>(grad_logits, keys.count, true, ops.q + query_offset, head_dim, false, sinks.k + key_offset,
-                       head_dim, keys.count, head_dim, query_count, ops.scale, scalar_t(1));
-      matmul<scalar_t>(grad_logits, keys.count, false, ops.k + key_offset, head_dim, false,
+      matmul<scalar_t>(probs, keys.count, true, grad_out, head_dim, false, sinks.v + key_offset, head_dim, keys.count,
+                       head_dim, query_count, scalar_t(1), scalar_t(1));
+      matmul<scalar_t>(grad_logits, keys.count, true, rows.q, head_dim, false, sinks.k + key_offset, head_dim,
+                       keys.count, head_dim, query_count, ops.scale, scalar_t(1));
+      matmul<scalar_t>(grad_logits, keys.count, false, rows.k, head_dim, false,
                        workspace.accumulators.data() + h * query_count * head_dim, head_dim, query_count, head_dim,
                        keys.count, scalar_t(1), scalar_t(1));
       if (ops.has_bias()) {
@@ -255,13 +293,16 @@ void backward_item(const Operands<scalar_t>& ops, const BackwardOperands<scalar_
     const int64_t head = item.group * heads_per_group + h;
     const int64_t offset = ops.query_offset(item.batch, head, item.queries.begin);
     const scalar_t* grad_query = workspace.accumulators.data() + h * query_count * head_dim;
-    for (int64_t e = 0; e < query_count * head_dim; ++e) grad_q[offset + e] = grad_query[e] * ops.scale;
+    for (int64_t e = 0; e < query_count * head_dim; ++e) {
+      grad_q[offset + e] = static_cast<input_t>(grad_query[e] * ops.scale);
+    }
   }
 }
 
 // Forward of work items [begin, end).
-template <typename scalar_t>
-void forward_items(const Operands<scalar_t>& ops, int64_t begin, int64_t end, scalar_t* out, scalar_t* logsumexp) {
+template <typename scalar_t, typename input_t>
+void forward_items(const Operands<scalar_t, input_t>& ops, int64_t begin, int64_t end, input_t* out,
+                   scalar_t* logsumexp) {
   Workspace<scalar_t> workspace(ops);
   for (int64_t index = begin; index < end; ++index) {
     forward_item(ops, ops.work_item(index), workspace, out, logsumexp);
@@ -269,9 +310,9 @@ void forward_items(const Operands<scalar_t>& ops, int64_t begin, int64_t end, sc
 }
 
 // Backward of work items [begin, end); key-side gradients go to `sinks`.
-template <typename scalar_t>
-void backward_items(const Operands<scalar_t>& ops, const BackwardOperands<scalar_t>& saved, int64_t begin,
-                    int64_t end, const GradientSinks<scalar_t>& sinks, scalar_t* grad_q) {
+template <typename scalar_t, typename input_t>
+void backward_items(const Operands<scalar_t, input_t>& ops, const BackwardOperands<scalar_t, input_t>& saved,
+                    int64_t begin, int64_t end, const GradientSinks<scalar_t>& sinks, input_t* grad_q) {
   Workspace<scalar_t> workspace(ops);
   for (int64_t index = begin; index < end; ++index) {
     backward_item(ops, saved, ops.work_item(index), workspace, sinks, grad_q);

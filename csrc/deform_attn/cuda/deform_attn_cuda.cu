@@ -1,4 +1,6 @@
 // CUDA kernels of dat::deform_attn (float32, float16, bfloat16 inputs; float32 accumulation).
+// Positions and the table are read as float32: the launchers convert half-precision ones (small
+// tensors) and take float32 ones beside half-precision q, k, v as they are.
 //
 // Flash style: one block per (batch, head, tile of kQueryTile queries); keys and values are streamed
 // through shared memory in tiles of kKeyTile, the bias is sampled from the table on the fly, and the
@@ -232,8 +234,7 @@ __device__ inline void load_rows(const scalar_t* __restrict__ source, int valid_
 __device__ inline int pair_query(int round) { return (threadIdx.x + round * kThreads) / kKeyTile; }
 __device__ inline int pair_key(int round) { return (threadIdx.x + round * kThreads) % kKeyTile; }
 
-template <typename scalar_t>
-__device__ inline float pair_bias(const scalar_t* __restrict__ table, const KernelGeometry& geometry,
+__device__ inline float pair_bias(const float* __restrict__ table, const KernelGeometry& geometry,
                                   const float* query_pos, const float* key_pos, BilinearTaps<float>& taps) {
   taps = bias_taps<float>(query_pos[0], query_pos[1], key_pos[0], key_pos[1], geometry.table_height,
                           geometry.table_width);
@@ -243,8 +244,8 @@ __device__ inline float pair_bias(const scalar_t* __restrict__ table, const Kern
 template <typename scalar_t, int kSlice>
 __global__ void __launch_bounds__(kThreads)
     deform_attn_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                               const scalar_t* __restrict__ v, const scalar_t* __restrict__ kpos,
-                               const scalar_t* __restrict__ qpos, const scalar_t* __restrict__ rpe, float scale,
+                               const scalar_t* __restrict__ v, const float* __restrict__ kpos,
+                               const float* __restrict__ qpos, const float* __restrict__ rpe, float scale,
                                KernelGeometry geometry, scalar_t* __restrict__ out, float* __restrict__ logsumexp) {
   DAT_DYNAMIC_SHARED(float, shared);
   const SharedLayout layout(geometry.head_dim, false, 0);
@@ -259,8 +260,8 @@ __global__ void __launch_bounds__(kThreads)
   const BlockTile tile(geometry);
   const int query_begin = tile.query_begin, query_count = tile.query_count;
   const int64_t query_base = tile.query_base, key_base = tile.key_base;
-  const scalar_t* key_positions = kpos + tile.key_pos_base;
-  const scalar_t* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
+  const float* key_positions = kpos + tile.key_pos_base;
+  const float* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
 
   load_rows(q + query_base, query_count, kQueryTile, D, stride, query_rows);
   load_rows(qpos + static_cast<int64_t>(query_begin) * 2, query_count, kQueryTile, 2, 2, query_pos);
@@ -334,8 +335,8 @@ template <typename scalar_t, int kSlice>
 __global__ void __launch_bounds__(kThreads)
     deform_attn_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
                                 const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                                const scalar_t* __restrict__ kpos, const scalar_t* __restrict__ qpos,
-                                const scalar_t* __restrict__ rpe, const scalar_t* __restrict__ out,
+                                const float* __restrict__ kpos, const float* __restrict__ qpos,
+                                const float* __restrict__ rpe, const scalar_t* __restrict__ out,
                                 const float* __restrict__ logsumexp, float scale, KernelGeometry geometry,
                                 bool table_grad_in_shared, scalar_t* __restrict__ grad_q,
                                 float* __restrict__ grad_k, float* __restrict__ grad_v,
@@ -358,7 +359,7 @@ __global__ void __launch_bounds__(kThreads)
   const BlockTile tile(geometry);
   const int query_begin = tile.query_begin, query_count = tile.query_count;
   const int64_t query_base = tile.query_base, key_base = tile.key_base, key_pos_base = tile.key_pos_base;
-  const scalar_t* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
+  const float* table = rpe != nullptr ? rpe + tile.table_base : nullptr;
   float* table_grad = table == nullptr         ? nullptr
                       : table_grad_in_shared ? shared + layout.table
                                              : grad_rpe + tile.table_base;
@@ -584,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
   const Problem geometry = check_inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const KernelGeometry kernel = check_limits(geometry, q_in.scalar_type(), /*backward=*/false);
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, at::kFloat);
   at::Tensor out = at::empty_like(inputs.q);
   at::Tensor logsumexp =
       at::empty({geometry.batch, geometry.heads, geometry.queries}, inputs.q.options().dtype(at::kFloat));
@@ -597,8 +598,8 @@ std::tuple<at::Tensor, at::Tensor> deform_attn_forward_cuda(const at::Tensor& q_
     auto* kernel_fn = deform_attn_forward_kernel<scalar_t, kSlice>;
     reserve_shared_bytes(kernel_fn, layout.bytes(), "dat::deform_attn");
     launch_kernel(kernel_fn, grid, kThreads, layout.bytes(), stream, inputs.q.data_ptr<scalar_t>(),
-                  inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(), inputs.kpos.data_ptr<scalar_t>(),
-                  inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(), static_cast<float>(scale), kernel,
+                  inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(), inputs.kpos.data_ptr<float>(),
+                  inputs.qpos.data_ptr<float>(), inputs.table<float>(), static_cast<float>(scale), kernel,
                   out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>());
   });
   return {out, logsumexp};
@@ -612,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
       check_backward_inputs(grad_out_in, q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, out_in, logsumexp_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const KernelGeometry kernel = check_limits(geometry, q_in.scalar_type(), /*backward=*/true);
-  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in);
+  const ContiguousInputs inputs(q_in, k_in, v_in, kpos_in, qpos_in, rpe_in, at::kFloat);
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor logsumexp = logsumexp_in.contiguous();
   const at::TensorOptions accumulate = inputs.q.options().dtype(at::kFloat);
@@ -637,14 +638,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_at
       reserve_shared_bytes(kernel_fn, layout.bytes(), "dat::deform_attn_backward");
       launch_kernel(kernel_fn, grid, kThreads, layout.bytes(), stream, grad_out.data_ptr<scalar_t>(),
                     inputs.q.data_ptr<scalar_t>(), inputs.k.data_ptr<scalar_t>(), inputs.v.data_ptr<scalar_t>(),
-                    inputs.kpos.data_ptr<scalar_t>(), inputs.qpos.data_ptr<scalar_t>(), inputs.table<scalar_t>(),
+                    inputs.kpos.data_ptr<float>(), inputs.qpos.data_ptr<float>(), inputs.table<float>(),
                     out.data_ptr<scalar_t>(), logsumexp.data_ptr<float>(), static_cast<float>(scale), kernel,
                     table_grad_in_shared, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<float>(),
                     grad_v.data_ptr<float>(), grad_kpos.data_ptr<float>(), grad_rpe.data_ptr<float>());
     });
   }
   const at::ScalarType dtype = inputs.q.scalar_type();
-  return {grad_q, grad_k.to(dtype), grad_v.to(dtype), grad_kpos.to(dtype), grad_rpe.to(dtype)};
+  return {grad_q, grad_k.to(dtype), grad_v.to(dtype), grad_kpos.to(kpos_in.scalar_type()),
+          grad_rpe.to(rpe_in.has_value() ? rpe_in->scalar_type() : dtype)};
 }
 
 }  // namespace

@@ -5,10 +5,9 @@
 // decoder (300 queries) over a handful of threads.
 constexpr int64_t kForwardGrainSamples = 1024;
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const scalar_t* locations, const scalar_t* weights, scalar_t* output,
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void forward_kernel(const scalar_t* value, const acc_t* locations, const acc_t* weights, scalar_t* output,
                     const LevelLayout& layout, const Problem& size) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t heads = size.heads, channels = size.channels, levels = size.levels, points = size.points;
   const int64_t pixel_stride = heads * channels;
   const int64_t rows = size.batch * size.queries;
@@ -32,7 +31,7 @@ void forward_kernel(const scalar_t* value, const scalar_t* locations, const scal
               if (!stencil.inside[k]) continue;
               const acc_t tap_weight = attention * stencil.weight[k];
               const scalar_t* tap = level_value + stencil.pixel[k] * pixel_stride;
-              for (int64_t c = 0; c < channels; ++c) accumulator[c] += tap_weight * tap[c];
+              for (int64_t c = 0; c < channels; ++c) accumulator[c] += tap_weight * static_cast<acc_t>(tap[c]);
             }
           }
         }
@@ -43,21 +42,35 @@ void forward_kernel(const scalar_t* value, const scalar_t* locations, const scal
   });
 }
 
-template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const scalar_t* locations,
-                     const scalar_t* weights, scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights,
-                     const LevelLayout& layout, const Problem& size) {
-  using acc_t = at::opmath_type<scalar_t>;
+// grad_value is written in the value's dtype: in place when that is acc_t (it must be zero on entry),
+// else each task sums its slice in acc_t and writes every element of it, rounded once, at the end. Location and weight gradients are written in acc_t (the caller
+// rounds them to their inputs' dtypes).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const acc_t* locations, const acc_t* weights,
+                     scalar_t* grad_value, acc_t* grad_locations, acc_t* grad_weights, const LevelLayout& layout,
+                     const Problem& size) {
   const int64_t heads = size.heads, channels = size.channels, levels = size.levels, points = size.points;
   const int64_t pixel_stride = heads * channels;
   at::parallel_for(0, size.batch * heads * levels, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<acc_t> slice_sums;  // a half-precision task's value gradients, (pixels, channels)
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t level = task % levels;
       const int64_t head = (task / levels) % heads;
       const int64_t batch = task / (levels * heads);
       const int64_t level_offset = ((batch * size.value_len + layout.start[level]) * heads + head) * channels;
+      const int64_t level_pixels = layout.height[level] * layout.width[level];
       const scalar_t* level_value = value + level_offset;
-      scalar_t* level_grad_value = grad_value + level_offset;
+      // Where this task sums the value gradients of its slice, and the distance between two pixels there.
+      acc_t* level_grad_value;
+      int64_t grad_pixel_stride;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        level_grad_value = grad_value + level_offset;
+        grad_pixel_stride = pixel_stride;
+      } else {
+        slice_sums.assign(level_pixels * channels, acc_t(0));
+        level_grad_value = slice_sums.data();
+        grad_pixel_stride = channels;
+      }
       for (int64_t query = 0; query < size.queries; ++query) {
         const int64_t row = (batch * size.queries + query) * heads + head;
         const scalar_t* grad_out = grad_output + row * channels;
@@ -70,19 +83,26 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const s
             if (!stencil.inside[k]) continue;
             const acc_t tap_weight = attention * stencil.weight[k];
             const scalar_t* tap = level_value + stencil.pixel[k] * pixel_stride;
-            scalar_t* grad_tap = level_grad_value + stencil.pixel[k] * pixel_stride;
+            acc_t* grad_tap = level_grad_value + stencil.pixel[k] * grad_pixel_stride;
             acc_t dot = 0;
             for (int64_t c = 0; c < channels; ++c) {
-              const acc_t grad = grad_out[c];
+              const acc_t grad = static_cast<acc_t>(grad_out[c]);
               dot += grad * static_cast<acc_t>(tap[c]);
-              grad_tap[c] += static_cast<scalar_t>(tap_weight * grad);
+              grad_tap[c] += tap_weight * grad;
             }
             tap_dot[k] = dot;
           }
           const auto grads = sample_gradients<acc_t>(stencil, tap_dot, attention);
-          grad_weights[sample] = static_cast<scalar_t>(grads.attention_weight);
-          grad_locations[2 * sample] = static_cast<scalar_t>(grads.x);
-          grad_locations[2 * sample + 1] = static_cast<scalar_t>(grads.y);
+          grad_weights[sample] = grads.attention_weight;
+          grad_locations[2 * sample] = grads.x;
+          grad_locations[2 * sample + 1] = grads.y;
+        }
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t pixel = 0; pixel < level_pixels; ++pixel) {
+          scalar_t* grad_pixel = grad_value + level_offset + pixel * pixel_stride;
+          const acc_t* sums = slice_sums.data() + pixel * channels;
+          for (int64_t c = 0; c < channels; ++c) grad_pixel[c] = static_cast<scalar_t>(sums[c]);
         }
       }
     }

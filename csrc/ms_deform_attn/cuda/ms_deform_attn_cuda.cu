@@ -5,7 +5,8 @@
 // reads are coalesced and the per-sample location and weight are broadcast loads. In the backward
 // pass the lanes' partial gradients of a sample's location and weight are summed with shuffles, and
 // the value gradient is scattered with atomics into an opmath_type buffer (cast to the value's dtype
-// at the end).
+// at the end). Sampling locations and attention weights are read, and their gradients written, in
+// opmath_type too (prepare_inputs converts them; the gradients are cast to their dtypes at the end).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -107,8 +108,8 @@ __device__ __forceinline__ int64_t level_offset(const Problem& size, const Level
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ locations,
-                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ output, const LevelGeometry geometry,
+    forward_kernel(const scalar_t* __restrict__ value, const acc_t* __restrict__ locations,
+                   const acc_t* __restrict__ weights, scalar_t* __restrict__ output, const LevelGeometry geometry,
                    const Problem size) {
   WarpRow warp;
   if (!locate_warp_row(size, warp)) return;
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       for (int64_t point = 0; point < size.points; ++point) {
         const int64_t sample = warp.first_sample + level * size.points + point;
         const auto stencil = sample_stencil<acc_t>(locations, sample, geometry.height[level], geometry.width[level]);
-        const acc_t attention = static_cast<acc_t>(weights[sample]);
+        const acc_t attention = weights[sample];
 #pragma unroll
         for (int k = 0; k < kTaps; ++k) {
           if (stencil.inside[k]) {
@@ -137,9 +138,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
-                    const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
-                    acc_t* __restrict__ grad_value, scalar_t* __restrict__ grad_locations,
-                    scalar_t* __restrict__ grad_weights, const LevelGeometry geometry, const Problem size) {
+                    const acc_t* __restrict__ locations, const acc_t* __restrict__ weights,
+                    acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_locations,
+                    acc_t* __restrict__ grad_weights, const LevelGeometry geometry, const Problem size) {
   WarpRow warp;
   if (!locate_warp_row(size, warp)) return;
   const int64_t pixel_stride = size.heads * size.channels;
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     for (int64_t point = 0; point < size.points; ++point) {
       const int64_t sample = warp.first_sample + level * size.points + point;
       const auto stencil = sample_stencil<acc_t>(locations, sample, geometry.height[level], geometry.width[level]);
-      const acc_t attention = static_cast<acc_t>(weights[sample]);
+      const acc_t attention = weights[sample];
       acc_t tap_dot[kTaps] = {0, 0, 0, 0};
       for (int64_t channel = warp.lane; channel < size.channels; channel += kWarpSize) {
         const acc_t grad = static_cast<acc_t>(row_grad[channel]);
@@ -167,9 +168,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const acc_t grad_x = warp_sum(partial.x);
       const acc_t grad_y = warp_sum(partial.y);
       if (warp.lane == 0) {
-        grad_weights[sample] = static_cast<scalar_t>(grad_weight);
-        grad_locations[2 * sample] = static_cast<scalar_t>(grad_x);
-        grad_locations[2 * sample + 1] = static_cast<scalar_t>(grad_y);
+        grad_weights[sample] = grad_weight;
+        grad_locations[2 * sample] = grad_x;
+        grad_locations[2 * sample + 1] = grad_y;
       }
     }
   }
@@ -192,7 +193,7 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_kernel(forward_kernel<scalar_t, acc_t>, blocks, kThreadsPerBlock, 0, stream, in.value.data_ptr<scalar_t>(),
-                  in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
+                  in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(),
                   output.data_ptr<scalar_t>(), geometry, size);
   });
   return output;
@@ -209,8 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const LevelGeometry geometry = to_geometry(in.layout);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const at::Tensor grad_output_c = grad_output.contiguous();
-  at::Tensor grad_value_acc = at::zeros(in.value.sizes(), value.options().dtype(at::toOpMathType(value.scalar_type())));
-  // Zero-filled: when D == 0 no kernel runs, and the gradients are zero, as in the reference.
+  // In the accumulation dtype (in.sampling_locations' dtype). Zero-filled: when D == 0 no kernel runs, and
+  // the gradients are zero, as in the reference.
+  at::Tensor grad_value_acc = at::zeros(in.value.sizes(), in.sampling_locations.options());
   at::Tensor grad_locations = at::zeros_like(in.sampling_locations);
   at::Tensor grad_weights = at::zeros_like(in.attention_weights);
   const int64_t blocks = blocks_for_rows(in.problem);
@@ -220,12 +222,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       launch_kernel(backward_kernel<scalar_t, acc_t>, blocks, kThreadsPerBlock, 0, stream,
                     grad_output_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
-                    in.sampling_locations.data_ptr<scalar_t>(), in.attention_weights.data_ptr<scalar_t>(),
-                    grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<scalar_t>(),
-                    grad_weights.data_ptr<scalar_t>(), geometry, in.problem);
+                    in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(),
+                    grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
+                    grad_weights.data_ptr<acc_t>(), geometry, in.problem);
     });
   }
-  return {grad_value_acc.to(value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value_acc.to(value.scalar_type()), grad_locations.to(sampling_locations.scalar_type()),
+          grad_weights.to(attention_weights.scalar_type())};
 }
 
 }  // namespace
