@@ -8,6 +8,13 @@ offset group of head m. Positions are (y, x) pairs normalised to [-1, 1]; the ta
 size (it is trained at one resolution and used at every other).
 
 Shapes: q (B, M, Nq, D); k, v (B, M, Nk, D); kpos (B, G, Nk, 2); qpos (Nq, 2); rpe (M, Th, Tw) or None.
+
+Precision (the policy of all ops: `dat.precision`): q, k, v may be fp16 or bf16 next to an fp32 kpos, qpos
+or rpe (what autocast and half-precision weights produce). The native op takes one dtype for all inputs and
+the positions must not be rounded to half precision, so such a call casts q, k, v (and a half-precision rpe)
+up to fp32, computes in fp32 and returns q's dtype. A kernel that accepts fp32 positions and table next to
+half-precision q, k, v (accumulating in fp32) would let `deformable_attention` pass q, k, v on uncast: only
+the `is_half_precision_mix` branch there changes. The reference computes in fp32 (fp64 for fp64 inputs).
 """
 from typing import Optional
 
@@ -15,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
 from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
 OP = 'dat::deform_attn'
@@ -89,7 +97,18 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
     When gradients are needed each block is checkpointed (recomputed in backward), so backward memory
     is bounded by the block size too. `block_elements=None` evaluates the official math in one piece,
     exactly as the original implementation does (the benchmarks' baseline).
+
+    Half-precision inputs are computed in fp32 and the result returned in q's dtype; autocast is disabled
+    inside, so that under autocast the reference computes what the native op computes.
     """
+    with autocast_disabled(q.device.type):
+        out = _blockwise_reference(*cast_floating(full_precision(q.dtype), q, k, v, kpos, qpos, rpe), scale,
+                                   block_elements)
+    return out.to(q.dtype)
+
+
+def _blockwise_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float,
+                         block_elements: Optional[int]) -> torch.Tensor:
     B, M, Nq, _ = q.shape
     Nk = k.shape[2]
     chunk = Nq if block_elements is None else max(1, block_elements // max(1, B * M * Nk))
@@ -110,23 +129,23 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
     """Dispatch to the fused `dat::deform_attn` op or the pure-PyTorch reference (see module docstring).
 
     `impl` is 'auto' (default: fused when built for the device and dtype), 'fused' or 'reference';
-    when None, the `DAT_ATTN_IMPL` environment variable decides.
+    when None, the `DAT_ATTN_IMPL` environment variable decides. Half-precision q, k, v with fp32 positions
+    are computed in fp32 (see Precision in the module docstring); the output has q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out_dtype = q.dtype
+    if is_half_precision_mix((q, k, v), (kpos, qpos, rpe)):
+        q, k, v, kpos, qpos, rpe = cast_floating(torch.float32, q, k, v, kpos, qpos, rpe)
     if resolve_impl(impl, 'deform_attn', q.device.type, unsupported_dtype(q.dtype, q.device.type, FUSED_DTYPES)) == 'fused':
-        return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0]
+        return torch.ops.dat.deform_attn(q, k, v, kpos, qpos, rpe, scale)[0].to(out_dtype)
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-    return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
-
-
-def _logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Mirrors logsumexp_dtype() in csrc/deform_attn/deform_attn.h.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale).to(out_dtype)
 
 
 def _fake_forward(q, k, v, kpos, qpos, rpe, scale):
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
+    # full_precision is logsumexp_dtype() of csrc/deform_attn/deform_attn.h
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=full_precision(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):

@@ -8,12 +8,20 @@ spatial shape (H_l, W_l) (`spatial_shapes`, (L, 2) int64) and starts at row `lev
 location (x, y) in [0, 1], i.e. pixel coordinate (x * W_l - 0.5, y * H_l - 0.5) (grid_sample's
 align_corners=False convention), with zeros outside the level. Sampling locations are
 (N, Lq, M, L, P, 2) (x, y) pairs; attention weights are (N, Lq, M, L, P); the output is (N, Lq, M * D).
+
+Precision (the policy of all ops: `dat.precision`): value may be fp16 or bf16 next to fp32 sampling locations
+and attention weights (what autocast produces, and what `MSDeformAttn` passes). The native op takes one dtype
+for all inputs and the locations must not be rounded to half precision, so such a call casts value (and
+half-precision weights) up to fp32, computes in fp32 and returns value's dtype. A kernel that accepts fp32
+locations and weights next to a half-precision value would let the dispatch pass value on uncast: only its
+`is_half_precision_mix` branch changes. The reference computes in fp32 (fp64 for fp64 inputs).
 """
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
 from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
 OP_NAME = 'ms_deform_attn'
@@ -81,7 +89,16 @@ def level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                              attention_weights) -> torch.Tensor:
-    """Pure-PyTorch definition: one `grid_sample` per level (align_corners=False, zeros padding)."""
+    """Pure-PyTorch definition: one `grid_sample` per level (align_corners=False, zeros padding). Half-precision
+    inputs are sampled and summed in fp32 and the result returned in value's dtype, with autocast disabled."""
+    with autocast_disabled(value.device.type):
+        value_in, sampling_locations, attention_weights = cast_floating(
+            full_precision(value.dtype), value, sampling_locations, attention_weights)
+        output = _sampled_sum(value_in, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return output.to(value.dtype)
+
+
+def _sampled_sum(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> torch.Tensor:
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     grids = sampling_locations * 2 - 1  # grid_sample wants [-1, 1]
@@ -104,15 +121,22 @@ def multi_scale_deformable_attention(value, spatial_shapes, level_start_index, s
     `impl` is 'auto' (fused where built for the device and dtype), 'fused' (an error where it is not)
     or 'reference'; None defers to $DAT_ATTN_IMPL. Both read `spatial_shapes` and `level_start_index`
     on the host: keeping them on the CPU saves a device-to-host copy per call on a GPU. The CUDA
-    kernel takes at most 16 levels.
+    kernel takes at most 16 levels. A half-precision value with fp32 locations is computed in fp32 (see
+    Precision in the module docstring); the output has value's dtype.
     """
+    out_dtype = value.dtype
+    if is_half_precision_mix((value,), (sampling_locations, attention_weights)):
+        value, sampling_locations, attention_weights = cast_floating(torch.float32, value, sampling_locations,
+                                                                     attention_weights)
     if resolve_impl(impl, OP_NAME, value.device.type,
                     unsupported_dtype(value.dtype, value.device.type, FUSED_DTYPES)) == 'fused':
-        return torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                            attention_weights)
-    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights)
+        output = torch.ops.dat.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                              attention_weights)
+    else:
+        check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        output = ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                          attention_weights)
+    return output.to(out_dtype)
 
 
 def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
