@@ -210,7 +210,7 @@ def plan_steps(arch: str, sanitizer: Optional[str]) -> List[Step]:
         Step('benchmark-op', [python, 'scripts/benchmark_op.py', '--device', 'cuda', '--min-seconds', '0.2',
                               '--max-repeats', '10'], 180, judge_benchmark),
         # The two model generations at their smallest size, at a batch that keeps a large GPU busy.
-        Step('benchmark-models', [python, 'scripts/benchmark.py', '--device', 'cuda', '--amp',
+        Step('benchmark-models', [python, 'scripts/benchmark.py', '--device', 'cuda', '--precisions', 'bf16',
                                   '--models', 'dat_tiny', 'dat_pp_tiny', '--batch', '32', '--repeats', '5'],
              120, judge_benchmark),
         # The other two ops' benchmarks run last, with what is left of the budget.

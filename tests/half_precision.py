@@ -11,7 +11,7 @@ entries near zero say nothing about the op.
 import pytest
 import torch
 
-from dat.ops._extension import HALF_DTYPES
+from dat.precision import HALF_DTYPES
 
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 

@@ -5,6 +5,9 @@ Queries attend to a small set of keys sampled from the feature map at deformed p
 key grid; keys and values are bilinearly sampled there, and a relative-position bias is read from a
 learned table at the query-key displacement. The attention core is `dat.ops.deformable_attention`, which
 runs the fused native op when it is built and a pure-PyTorch reference otherwise.
+
+Under autocast or with half-precision weights, positions stay in fp32 (`dat.precision`): the offset network
+runs in fp32, the grids are built in fp32, and keys and values are sampled from an fp32 copy of the map.
 """
 from typing import Optional, Tuple
 
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 
 from dat.ops import deformable_attention
+from dat.precision import full_precision, run_in_full_precision
 from .grids import GENERATIONS, offset_unit, query_grid, reference_points
 
 
@@ -75,11 +79,18 @@ class DeformableAttention(nn.Module):
 
     def sampling_positions(self, x: torch.Tensor, q: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Deformed key positions and their undeformed reference grid, both (B, G, Hk, Wk, 2) as (y, x)."""
+        """Deformed key positions and their undeformed reference grid, both (B, G, Hk, Wk, 2) as (y, x), in fp32
+        for half-precision activations (`dat.precision.full_precision`)."""
         B, C, H, W = x.shape
         if q is None:
             q = self.proj_q(x)
-        offset = self.conv_offset(q.reshape(B * self.num_groups, self.group_dim, H, W))
+        group_queries = q.reshape(B * self.num_groups, self.group_dim, H, W)
+        if torch.jit.is_scripting():
+            # TorchScript cannot rebind a module's parameters; its outputs are still taken to full precision
+            offset = self.conv_offset(group_queries)
+            offset = offset.to(full_precision(offset.dtype))
+        else:
+            offset = run_in_full_precision(self.conv_offset, group_queries)
         key_h, key_w = offset.shape[2], offset.shape[3]
         if self.offset_range_factor >= 0:
             unit = torch.tensor([offset_unit(key_h, self.generation), offset_unit(key_w, self.generation)],
@@ -97,15 +108,17 @@ class DeformableAttention(nn.Module):
         q = self.proj_q(x)
         positions, _ = self.sampling_positions(x, q)
         num_keys = positions.shape[2] * positions.shape[3]
+        # sampled in the positions' dtype: bilinear weights stay accurate, and PyTorch's CPU grid_sample reads
+        # wrong memory in half precision (see dat.precision)
         sampled = F.grid_sample(
-            x.reshape(B * self.num_groups, self.group_dim, H, W),
+            x.to(positions.dtype).reshape(B * self.num_groups, self.group_dim, H, W),
             positions.reshape(B * self.num_groups, positions.shape[2], positions.shape[3], 2).flip(-1),
             mode='bilinear', padding_mode='zeros', align_corners=True,
-        ).reshape(B, C, 1, num_keys)
+        ).to(x.dtype).reshape(B, C, 1, num_keys)
         k = self.proj_k(sampled).reshape(B, self.num_heads, self.head_dim, num_keys).transpose(-1, -2)
         v = self.proj_v(sampled).reshape(B, self.num_heads, self.head_dim, num_keys).transpose(-1, -2)
         q = q.reshape(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)
-        qpos = query_grid(H, W, self.generation, x.dtype, x.device)
+        qpos = query_grid(H, W, self.generation, positions.dtype, x.device)
         out = self._attend(q, k, v, positions.reshape(B, self.num_groups, num_keys, 2), qpos)
         out = out.transpose(-1, -2).reshape(B, C, H, W)
         return self.proj_drop(self.proj_out(out))

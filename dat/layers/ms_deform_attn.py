@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dat.ops.ms_deform_attn import multi_scale_deformable_attention
+from dat.precision import full_precision, run_in_full_precision
 
 
 def level_pixel_centres(spatial_shapes: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,10 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        # sampling locations and attention weights in fp32 for half-precision activations (dat.precision)
+        offsets = run_in_full_precision(self.sampling_offsets, query).view(N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1, dtype=full_precision(query.dtype))
+        weights = weights.view(N, Lq, M, L, P)
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W, H).

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.layers import gen_relative_position_index, trunc_normal_
 from timm.models.swin_transformer import window_partition, window_reverse
 
+from dat.precision import full_precision
+
 MASKED = -100.0
 
 
@@ -93,14 +95,15 @@ class WindowAttention(nn.Module):
         num_windows, tokens = windows.shape[0] // B, ws * ws
         qkv = self.proj_qkv(windows).reshape(-1, tokens, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        # logits, bias, mask and softmax in fp32 for half-precision activations (dat.precision)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).to(full_precision(q.dtype))
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
         mask = self.attention_mask(H, W, attn)
         if mask is not None:
             attn = attn.view(B, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
             attn = attn.view(-1, self.num_heads, tokens, tokens)
-        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, tokens, C)
+        out = (attn.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(-1, tokens, C)
         out = self.proj_drop(self.proj_out(out))
 
         x = window_reverse(out.view(-1, ws, ws, C), (ws, ws), padded_h, padded_w)

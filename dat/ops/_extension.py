@@ -100,16 +100,6 @@ def resolve_impl(impl, op_name: str, device_type: str, refusal: Callable[[], Opt
     return 'reference'
 
 
-# The half-precision formats: kernels and references take them and accumulate in float32.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that kernels and references compute in for inputs of `dtype` (at::opmath_type's rule): float64
-    for float64, float32 for every other floating dtype, whose 8 or 11 bits would lose a softmax or a long sum."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def read_kernel_limits(op_name: str, namespace: str = 'dat') -> Dict[str, dict]:
     """The limits that the kernels of `<namespace>::<op_name>` export, per device type they are built for: the
     JSON of `<namespace>::<op_name>_<device type>_limits()`. Empty where the extension is not built."""

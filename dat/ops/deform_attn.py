@@ -11,7 +11,9 @@ Shapes: q (B, M, Nq, D); k, v (B, M, Nk, D); kpos (B, G, Nk, 2); qpos (Nq, 2); r
 
 Dtypes: k, v have q's dtype; kpos, qpos and rpe have it too, or are float32 when q is float16 or
 bfloat16. Pass float32 positions with half-precision q, k, v: a position rounded to bfloat16 is off by
-up to 2^-9 of its value, which moves the sampled bias (and its gradient) by as much.
+up to 2^-9 of its value, which moves the sampled bias (and its gradient) by as much. That is the mix
+autocast and half-precision weights produce (`dat.precision`): kernels and reference compute it in float32
+and return q's dtype.
 """
 from typing import Any, Dict, Optional, Union
 
@@ -19,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._extension import (HALF_DTYPES, FusedOpBinding, Refusal, accumulation_dtype, autograd_will_run, bind_fused_op,
-                         dtype_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
+from dat.precision import HALF_DTYPES, autocast_disabled, cast_floating, full_precision
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_refusal, read_kernel_limits,
+                         resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -94,25 +97,32 @@ def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tens
 
     When gradients are needed each block is checkpointed (recomputed in backward), so backward memory
     is bounded by the block size too. `block_elements=None` evaluates the official math in one piece,
-    as the original implementation does (the benchmarks' baseline). Half-precision inputs are computed on
-    float32 copies and the output is rounded to q's dtype once, as the fused kernels do.
+    as the original implementation does (the benchmarks' baseline).
+
+    Half-precision inputs are computed on float32 copies and the output is rounded to q's dtype once, as the
+    fused kernels do; autocast is disabled inside, so that under autocast the reference computes what the
+    kernels compute.
     """
-    out_dtype = q.dtype
-    q, k, v, kpos, qpos, rpe = (t.to(accumulation_dtype(out_dtype)) if t is not None else None
-                                for t in (q, k, v, kpos, qpos, rpe))
+    with autocast_disabled(q.device.type):
+        out = _blockwise_reference(*cast_floating(full_precision(q.dtype), q, k, v, kpos, qpos, rpe), scale,
+                                   block_elements)
+    return out.to(q.dtype)
+
+
+def _blockwise_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float,
+                         block_elements: Optional[int]) -> torch.Tensor:
     B, M, Nq, _ = q.shape
     Nk = k.shape[2]
     chunk = Nq if block_elements is None else max(1, block_elements // max(1, B * M * Nk))
     if chunk >= Nq:
-        return _reference_block(q, k, v, kpos, qpos, rpe, scale).to(out_dtype)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, kpos, qpos, rpe))
+        return _reference_block(q, k, v, kpos, qpos, rpe, scale)
+    needs_grad = autograd_will_run(q, k, v, kpos, qpos, rpe)
     outputs = []
     for start in range(0, Nq, chunk):
         block = (q[:, :, start:start + chunk], k, v, kpos, qpos[start:start + chunk], rpe, scale)
         outputs.append(checkpoint(_reference_block, *block, use_reentrant=False) if needs_grad
                        else _reference_block(*block))
-    return torch.cat(outputs, dim=2).to(out_dtype)
+    return torch.cat(outputs, dim=2)
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, queries: int,
@@ -186,7 +196,7 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
 def _fake_forward(q, k, v, kpos, qpos, rpe, scale):
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
     # The logsumexp is in the accumulation dtype, as logsumexp_dtype() in csrc/deform_attn/deform_attn.h says.
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=full_precision(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):

@@ -11,15 +11,17 @@ align_corners=False convention), with zeros outside the level. Sampling location
 
 Sampling locations and attention weights have value's dtype, or are float32 beside a float16 or
 bfloat16 value; pass float32 locations then: one rounded to bfloat16 is off by up to 1/512 of the
-level's width.
+level's width. That is the mix autocast produces and `MSDeformAttn` passes (`dat.precision`): kernels and
+reference compute it in float32 and return value's dtype.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._extension import (HALF_DTYPES, FusedOpBinding, Refusal, accumulation_dtype, bind_fused_op, dtype_refusal,
-                         grid_refusal, read_kernel_limits, resolve_impl)
+from dat.precision import HALF_DTYPES, autocast_disabled, cast_floating, full_precision
+from ._extension import (FusedOpBinding, Refusal, bind_fused_op, dtype_refusal, grid_refusal, read_kernel_limits,
+                         resolve_impl)
 
 OP_NAME = 'ms_deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -90,10 +92,16 @@ def level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                              attention_weights) -> torch.Tensor:
     """Pure-PyTorch definition: one `grid_sample` per level (align_corners=False, zeros padding). Half-precision
-    inputs are computed on float32 copies and the output is rounded to value's dtype once."""
-    out_dtype = value.dtype
-    value, sampling_locations, attention_weights = (
-        t.to(accumulation_dtype(out_dtype)) for t in (value, sampling_locations, attention_weights))
+    inputs are computed on float32 copies and the output is rounded to value's dtype once, with autocast
+    disabled, as the kernels do."""
+    with autocast_disabled(value.device.type):
+        value_in, sampling_locations, attention_weights = cast_floating(
+            full_precision(value.dtype), value, sampling_locations, attention_weights)
+        output = _sampled_sum(value_in, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return output.to(value.dtype)
+
+
+def _sampled_sum(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> torch.Tensor:
     N, S, M, D = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     grids = sampling_locations * 2 - 1  # grid_sample wants [-1, 1]
@@ -106,7 +114,7 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     sampled = torch.stack(samples, dim=3).flatten(3)  # (N * M, D, Lq, L * P)
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     output = (sampled * weights).sum(-1)  # (N * M, D, Lq)
-    return output.reshape(N, M * D, Lq).transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+    return output.reshape(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, queries: int, heads: int,

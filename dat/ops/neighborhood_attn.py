@@ -17,14 +17,19 @@ This is natten 0.14's get_window_start / get_pb_start, restated in group coordin
 
 `scale` multiplies the dot products; None means D ** -0.5. DAT++ (like natten's layers) scales q
 before calling natten, so its port passes scale=1.0 on a pre-scaled q, or the scale here on a raw q.
+
+Precision (the policy of all ops: `dat.precision`): the kernels take fp16 and bf16 and accumulate logits,
+softmax and weighted sums in fp32. An fp32 rpb next to half-precision q, k, v (what autocast produces) is
+cast to q's dtype, which the op computes and returns in; the reference computes in fp32.
 """
 import functools
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ._extension import (FusedOpBinding, Refusal, accumulation_dtype, autograd_will_run, bind_fused_op, dtype_name,
-                         dtype_refusal, grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
+from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_name, dtype_refusal,
+                         grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'neighborhood_attn'
 OP = f'dat::{OP_NAME}'
@@ -90,12 +95,18 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
     """Gather each query's window from cached index tables, over blocks of queries.
 
     The forward never holds more than `block_elements` gathered keys (and as many values) at once;
-    autograd keeps the gathered blocks for the backward, k*k times the size of k and v in total.
-    Half-precision inputs are computed on float32 copies and the output is rounded to q's dtype once.
+    autograd keeps the gathered blocks for the backward, k*k times the size of k and v in total. Half-precision
+    inputs are computed in fp32 and the result returned in q's dtype, with autocast disabled, as the kernels do.
     """
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
-    out_dtype = q.dtype
-    q, k, v, rpb = (t.to(accumulation_dtype(out_dtype)) for t in (q, k, v, rpb))
+    with autocast_disabled(q.device.type):
+        out = _blockwise_reference(*cast_floating(full_precision(q.dtype), q, k, v, rpb), kernel_size, dilation,
+                                   scale, block_elements)
+    return out.to(q.dtype)
+
+
+def _blockwise_reference(q, k, v, rpb, kernel_size: int, dilation: int, scale: Optional[float],
+                         block_elements: int) -> torch.Tensor:
     B, M, H, W, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     key_index, bias_index = neighborhood_tables(H, W, kernel_size, dilation, q.device)
@@ -110,7 +121,7 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
         probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
         outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.reshape(B, M, H, W, D).to(out_dtype)
+    return out.reshape(B, M, H, W, D)
 
 
 def fused_refusal(device: Union[str, torch.device], dtype: torch.dtype, *, batch: int, heads: int, height: int,
@@ -157,6 +168,8 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     `fused_refusal`), 'fused' or 'reference'; None defers to $DAT_ATTN_IMPL.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if is_half_precision_mix((q, k, v), (rpb,)):
+        rpb = rpb.to(q.dtype)
     if resolve_impl(impl, OP_NAME, q.device.type, lambda: fused_refusal(
             q.device, q.dtype, **fused_problem(q, k, v, rpb, kernel_size, dilation))) == 'fused':
         out, _ = torch.ops.dat.neighborhood_attn(q.contiguous(), k.contiguous(), v.contiguous(), rpb.contiguous(),
@@ -167,7 +180,7 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
 
 def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
-    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=accumulation_dtype(q.dtype))
+    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=full_precision(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), attn
 
 
