@@ -74,12 +74,17 @@ def relative_position_bias(rpe: torch.Tensor, qpos: torch.Tensor, kpos: torch.Te
     return bias.reshape(B, M, -1, Nk)
 
 
-def _reference_block(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """The official math for a block of queries: full (queries x keys) scores, bias, softmax."""
+def reference_logits(q, k, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The official (queries x keys) attention logits: scaled dot products plus the sampled bias."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if rpe is not None:
         scores = scores + relative_position_bias(rpe, qpos, kpos)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    return scores
+
+
+def _reference_block(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The official math for a block of queries: full (queries x keys) scores, bias, softmax."""
+    return torch.matmul(reference_logits(q, k, kpos, qpos, rpe, scale).softmax(dim=-1), v)
 
 
 def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float,
@@ -119,14 +124,15 @@ def deformable_attention(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor] = None
     return deformable_attention_reference(q, k, v, kpos, qpos, rpe, scale)
 
 
-def _logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
+def logsumexp_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's logsumexp output for inputs of `dtype`."""
     # Mirrors logsumexp_dtype() in csrc/deform_attn/deform_attn.h.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(q, k, v, kpos, qpos, rpe, scale):
     check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_logsumexp_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=logsumexp_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, kpos, qpos, rpe, out, logsumexp, scale):

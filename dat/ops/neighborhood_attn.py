@@ -18,10 +18,11 @@ This is natten 0.14's get_window_start / get_pb_start, restated in group coordin
 `scale` multiplies the dot products; None means D ** -0.5. DAT++ (like natten's layers) scales q
 before calling natten, so its port passes scale=1.0 on a pre-scaled q, or the scale here on a raw q.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
+
+from dat.tracing import eager_lru_cache
 
 from ._extension import FusedOpBinding, bind_fused_op, resolve_impl, unsupported_dtype
 
@@ -74,7 +75,7 @@ def _axis_windows(length: int, kernel_size: int, dilation: int) -> Tuple[torch.T
     return keys, bias
 
 
-@functools.lru_cache(maxsize=64)
+@eager_lru_cache(maxsize=64)
 def neighborhood_tables(height: int, width: int, kernel_size: int, dilation: int,
                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat key indices (H*W, k*k) of each query's window and flat indices into rpb[m] (row-major)."""
@@ -84,6 +85,14 @@ def neighborhood_tables(height: int, width: int, kernel_size: int, dilation: int
     key_index = (keys_y[:, None, :, None] * width + keys_x[None, :, None, :]).reshape(height * width, window)
     bias_index = (bias_y[:, None, :, None] * (2 * kernel_size - 1) + bias_x[None, :, None, :])
     return key_index.to(device), bias_index.reshape(height * width, window).to(device)
+
+
+def window_attention_block(q, k, v, keys, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, M, n, D) and softmax probabilities (B, M, n, k*k) of n queries q (B, M, n, D) over their windows:
+    `keys` (n, k*k) indexes the flattened k, v (B, M, H*W, D); `bias` (M, n, k*k) is their rpb entries."""
+    logits = torch.einsum('bmnd,bmnkd->bmnk', q, k[:, :, keys]) * scale
+    probabilities = (logits + bias).softmax(dim=-1)
+    return torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]), probabilities
 
 
 def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
@@ -103,10 +112,9 @@ def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: i
     chunk = max(1, block_elements // max(1, B * M * window * D))
     outputs = []
     for start in range(0, H * W, chunk):
-        keys = key_index[start:start + chunk]
-        logits = torch.einsum('bmnd,bmnkd->bmnk', q[:, :, start:start + chunk], k[:, :, keys]) * scale
-        probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
-        outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
+        block_out, _ = window_attention_block(q[:, :, start:start + chunk], k, v, key_index[start:start + chunk],
+                                              bias[:, start:start + chunk], scale)
+        outputs.append(block_out)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.reshape(B, M, H, W, D)
 
@@ -122,13 +130,14 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     return neighborhood_attention_reference(q, k, v, rpb, kernel_size, dilation, scale)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's attention probabilities (its second output) for inputs of `dtype`."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _fake_forward(q, k, v, rpb, kernel_size, dilation, scale):
     check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size, dilation)
-    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=_accumulation_dtype(q.dtype))
+    attn = q.new_empty((*q.shape[:4], kernel_size * kernel_size), dtype=accumulation_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), attn
 
 
