@@ -153,7 +153,8 @@ setup(
     install_requires=['torch>=2.4', 'timm>=1.0.15', 'huggingface_hub>=0.23', 'safetensors>=0.4'],
     # scikit-learn ships the handwritten digits of the offline demo (python -m dat) and of the tests;
     # transformers: tests/test_adapters.py runs DAT inside transformers' detection and segmentation models
-    extras_require={'test': ['pytest>=8', 'scikit-learn>=1.0', 'transformers>=5'], 'demo': ['scikit-learn>=1.0']},
+    extras_require={'test': ['pytest>=8', 'scikit-learn>=1.0', 'transformers>=5', 'onnx', 'onnxruntime', 'onnxscript'],
+                    'demo': ['scikit-learn>=1.0']},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

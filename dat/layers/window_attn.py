@@ -5,7 +5,6 @@ masked out, and the output is cropped back. At sizes that need no padding the re
 module exactly (its shifted-window mask used -100 for cross-region pairs; so does this one).
 """
 import math
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -15,11 +14,12 @@ from timm.layers import gen_relative_position_index, trunc_normal_
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from dat.precision import full_precision
+from dat.tracing import eager_lru_cache
 
 MASKED = -100.0
 
 
-@lru_cache(maxsize=64)
+@eager_lru_cache(maxsize=64)
 def window_attention_mask(height: int, width: int, window_size: int, shift_size: int, dtype: torch.dtype,
                           device: torch.device) -> Optional[torch.Tensor]:
     """(windows, w*w, w*w) additive mask for a (height, width) map, or None when nothing needs masking.

@@ -83,12 +83,17 @@ def relative_position_bias(rpe: torch.Tensor, qpos: torch.Tensor, kpos: torch.Te
     return bias.reshape(B, M, -1, Nk)
 
 
-def _reference_block(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """The official math for a block of queries: full (queries x keys) scores, bias, softmax."""
+def reference_logits(q, k, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The official (queries x keys) attention logits: scaled dot products plus the sampled bias."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if rpe is not None:
         scores = scores + relative_position_bias(rpe, qpos, kpos)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    return scores
+
+
+def _reference_block(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The official math for a block of queries: full (queries x keys) scores, bias, softmax."""
+    return torch.matmul(reference_logits(q, k, kpos, qpos, rpe, scale).softmax(dim=-1), v)
 
 
 def deformable_attention_reference(q, k, v, kpos, qpos, rpe: Optional[torch.Tensor], scale: float,

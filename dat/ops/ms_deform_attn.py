@@ -78,8 +78,9 @@ def level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
     layout = []
     running_start = 0
     for level, ((height, width), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
-        _check(height >= 1 and width >= 1,
-               lambda: f'level {level} has spatial shape ({height}, {width}); both sides must be positive')
+        for side in (height, width):  # one check per side: exporting, sizes are symbols `and` cannot combine
+            _check(side >= 1,
+                   lambda: f'level {level} has spatial shape ({height}, {width}); both sides must be positive')
         _check(start == running_start,
                lambda: f'level_start_index[{level}] is {start} but the levels before it hold {running_start} pixels')
         layout.append((height, width, start))

@@ -22,12 +22,12 @@ Precision (the policy of all ops: `dat.precision`): the kernels take fp16 and bf
 softmax and weighted sums in fp32. An fp32 rpb next to half-precision q, k, v (what autocast produces) is
 cast to q's dtype, which the op computes and returns in; the reference computes in fp32.
 """
-import functools
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
+from dat.tracing import eager_lru_cache
 from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_name, dtype_refusal,
                          grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
@@ -78,7 +78,7 @@ def _axis_windows(length: int, kernel_size: int, dilation: int) -> Tuple[torch.T
     return keys, bias
 
 
-@functools.lru_cache(maxsize=64)
+@eager_lru_cache(maxsize=64)
 def neighborhood_tables(height: int, width: int, kernel_size: int, dilation: int,
                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat key indices (H*W, k*k) of each query's window and flat indices into rpb[m] (row-major)."""
@@ -88,6 +88,14 @@ def neighborhood_tables(height: int, width: int, kernel_size: int, dilation: int
     key_index = (keys_y[:, None, :, None] * width + keys_x[None, :, None, :]).reshape(height * width, window)
     bias_index = (bias_y[:, None, :, None] * (2 * kernel_size - 1) + bias_x[None, :, None, :])
     return key_index.to(device), bias_index.reshape(height * width, window).to(device)
+
+
+def window_attention_block(q, k, v, keys, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, M, n, D) and softmax probabilities (B, M, n, k*k) of n queries q (B, M, n, D) over their windows:
+    `keys` (n, k*k) indexes the flattened k, v (B, M, H*W, D); `bias` (M, n, k*k) is their rpb entries."""
+    logits = torch.einsum('bmnd,bmnkd->bmnk', q, k[:, :, keys]) * scale
+    probabilities = (logits + bias).softmax(dim=-1)
+    return torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]), probabilities
 
 
 def neighborhood_attention_reference(q, k, v, rpb, kernel_size: int, dilation: int = 1, scale: Optional[float] = None,
@@ -116,10 +124,9 @@ def _blockwise_reference(q, k, v, rpb, kernel_size: int, dilation: int, scale: O
     chunk = max(1, block_elements // max(1, B * M * window * D))
     outputs = []
     for start in range(0, H * W, chunk):
-        keys = key_index[start:start + chunk]
-        logits = torch.einsum('bmnd,bmnkd->bmnk', q[:, :, start:start + chunk], k[:, :, keys]) * scale
-        probabilities = (logits + bias[:, start:start + chunk]).softmax(dim=-1)
-        outputs.append(torch.einsum('bmnk,bmnkd->bmnd', probabilities, v[:, :, keys]))
+        block_out, _ = window_attention_block(q[:, :, start:start + chunk], k, v, key_index[start:start + chunk],
+                                              bias[:, start:start + chunk], scale)
+        outputs.append(block_out)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.reshape(B, M, H, W, D)
 
