@@ -124,6 +124,7 @@ class Column:
     width: int = 8
 
     def cell(self, row: dict) -> str:
+        """This column's text in `row` (titles to values): 'n/a' where it has no value."""
         value = row.get(self.title)
         if value is None and self.ratio is not None:
             numerator, denominator = (row.get(title) for title in self.ratio)

@@ -4,8 +4,9 @@ reference.
 Times the forward (no autograd) and forward+backward at DAT++-T stage sizes (224 input) and at a
 detection size, and reports peak memory: on CUDA from the caching allocator, on CPU as the growth of
 the process's resident set, each (impl, size) measured in a fresh subprocess so that watermarks
-do not carry over, and each implementation's largest difference from the reference's output. Times are the median call over at least a second of calls (3 to 50). `--with-flex`
-adds FlexAttention (block mask + rpb score_mod, torch.compile'd) as a further contender, the alternative
+do not carry over, and each implementation's largest difference from the reference's output. Times
+are the median call over at least a second of calls (3 to 50). `--with-flex` adds FlexAttention
+(block mask + rpb score_mod, torch.compile'd) as a further contender, the alternative
 fast path considered for this op.
 
     OMP_NUM_THREADS=2 python scripts/benchmark_nat.py
