@@ -15,8 +15,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
+from benchmark_harness import Column, PeakMemory, Table, median_seconds, run_isolated, serve_worker  # noqa: E402
 
 CONFIGS = [(impl, checkpointing) for impl in ('reference', 'fused') for checkpointing in (False, True)]
 
@@ -60,20 +61,22 @@ def main() -> None:
     print(f'{args.model} backbone, {args.batch}x3x{args.size[0]}x{args.size[1]}, forward + backward on {args.device} '
           f'(threads: OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}), '
           f'median of {args.repeats} after {args.warmup} warm-up')
-    print(f'{"attention":<11}{"checkpointing":<15}{"time (s)":>10}{"vs base":>9}{"peak (MiB)":>12}{"vs base":>9}')
+    table = Table([Column('attention', width=9), Column('checkpointing', width=13), Column('time (s)', '.2f'),
+                   Column('time vs base', 'x'), Column('peak (MiB)', '.0f'), Column('peak vs base', 'x'),
+                   *([Column('process peak (MiB)', '.0f')] if args.device == 'cpu' else [])])
     base = None
     for impl, checkpointing in CONFIGS:
         result = run_isolated(__file__, dict(
             model=args.model, device=args.device, batch=args.batch, size=args.size, warmup=args.warmup,
             repeats=args.repeats, checkpointing=checkpointing), env=dict(DAT_ATTN_IMPL=impl))
-        label = f'{impl:<11}{"on" if checkpointing else "off":<15}'
+        row = {'attention': impl, 'checkpointing': 'on' if checkpointing else 'off'}
         if 'error' in result:
-            print(f'{label}failed: {result["error"]}')
+            table.row(row, note=f'failed: {result["error"]}')
             continue
         base = base or result
-        print(f'{label}{result["seconds"]:>10.2f}{result["seconds"] / base["seconds"]:>8.2f}x'
-              f'{result["peak_mib"]:>12.0f}{result["peak_mib"] / base["peak_mib"]:>8.2f}x'
-              + (f'   (process peak {result["process_peak_mib"]:.0f} MiB)' if 'process_peak_mib' in result else ''))
+        table.row(dict(row, **{'time (s)': result['seconds'], 'time vs base': result['seconds'] / base['seconds'],
+                               'peak (MiB)': result['peak_mib'], 'peak vs base': result['peak_mib'] / base['peak_mib'],
+                               'process peak (MiB)': result.get('process_peak_mib')}))
 
 
 def _cuda_available() -> bool:

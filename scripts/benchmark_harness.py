@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a measurement in a fresh process, its timing and its peak memory.
+"""What the benchmark scripts share: a measurement in a fresh process, its timing and its peak memory, and the
+table they print (`Table`).
 
 A fresh process per measurement keeps one measurement's allocations (the caching allocator on CUDA, the
 resident set on the CPU) from inflating or hiding another's. The scripts put their own folder on sys.path
@@ -10,6 +11,8 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -106,9 +109,59 @@ class PeakMemory:
         self.growth = max(self.peak - self.start, 0)
 
 
-def format_bytes(count: float) -> str:
-    """A byte count in the largest binary unit that keeps it at 1 or more, e.g. '73.0 MiB'."""
-    for unit in ('B', 'KiB', 'MiB', 'GiB'):
-        if count < 1024 or unit == 'GiB':
-            return f'{count:.0f} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
-        count /= 1024
+@dataclass(frozen=True)
+class Column:
+    """A column of a `Table`: its title and how its numbers are written.
+
+    `spec` is a format spec for numbers ('.4f'); 'x' makes a ratio column, written '1.23x'. A ratio column with
+    `ratio=(numerator, denominator)` (titles of other columns) computes its cell from the row, e.g. the speed-up
+    over a baseline `('ref s', 'fused s')`; without it the caller gives the ratio (e.g. against a baseline row).
+    `width` is the least width of the column; a row whose cell is wider than its column widens that row only.
+    """
+    title: str
+    spec: str = ''
+    ratio: Optional[Tuple[str, str]] = None
+    width: int = 8
+
+    def cell(self, row: dict) -> str:
+        """This column's text in `row` (titles to values): 'n/a' where it has no value."""
+        value = row.get(self.title)
+        if value is None and self.ratio is not None:
+            numerator, denominator = (row.get(title) for title in self.ratio)
+            if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)) and denominator:
+                value = numerator / denominator
+        if value is None:
+            return 'n/a'
+        if isinstance(value, str):
+            return value
+        return f'{value:.2f}x' if self.spec == 'x' else format(value, self.spec)
+
+
+class Table:
+    """The one table format of the benchmark scripts: aligned columns (text to the left, numbers to the right),
+    printed a row at a time as each is measured, so that a long run shows its rows as it goes.
+
+        table = Table([Column('case', width=12), Column('fused s', '.4f'), Column('ref s', '.4f'),
+                       Column('speed-up', 'x', ratio=('ref s', 'fused s'))])
+        table.row({'case': 'detection', 'fused s': 3.03, 'ref s': 12.09})   # speed-up 3.99x
+        table.row({'case': 'stage1'}, note='failed: out of memory')          # the cells it has, then why not
+
+    A row's `note` follows its cells: an unmeasured row says why there ('failed: <error>', which
+    scripts/gpu_check.py counts as a row not measured).
+    """
+
+    def __init__(self, columns: List[Column], out=None):
+        self.columns = columns
+        self.out = out or sys.stdout
+        self.widths = [max(column.width, len(column.title)) for column in columns]
+        self._print([column.title for column in columns])
+        self._print(['-' * width for width in self.widths])
+
+    def row(self, values: dict, note: str = '') -> None:
+        """Print a row: `values` maps column titles to numbers or text; a missing cell prints as 'n/a'."""
+        self._print([column.cell(values) for column in self.columns], note)
+
+    def _print(self, cells: List[str], note: str = '') -> None:
+        aligned = [cell.ljust(width) if not column.spec else cell.rjust(width)
+                   for cell, width, column in zip(cells, self.widths, self.columns)]
+        print('  '.join(aligned + ([note] if note else [])).rstrip(), file=self.out, flush=True)

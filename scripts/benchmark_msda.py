@@ -1,4 +1,5 @@
-"""Fused `dat::ms_deform_attn` vs the pure-PyTorch reference, at Deformable DETR's usual sizes.
+"""Fused `dat::ms_deform_attn`, and `impl='auto'` (what models run), vs the pure-PyTorch reference, at Deformable
+DETR's usual sizes.
 
 Four levels from an 800x1333 image (strides 8/16/32/64), d_model 256 in 8 heads (32 channels),
 4 points per level, batch 1; 300 and 900 queries (the decoder) and one query per pixel (the encoder).
@@ -17,7 +18,7 @@ import torch
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
-from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
+from benchmark_harness import Column, PeakMemory, Table, median_seconds, run_isolated, serve_worker  # noqa: E402
 from dat.layers import level_pixel_centres  # noqa: E402
 from dat.ops.ms_deform_attn import multi_scale_deformable_attention  # noqa: E402
 
@@ -26,7 +27,8 @@ HEADS, CHANNELS, POINTS = 8, 32, 4
 SPREAD_PIXELS = 4.0  # standard deviation of the sampling offsets, in pixels of each level
 VALUE_LEN = sum(h * w for h, w in LEVEL_SHAPES)
 CASES = {'decoder-300': 300, 'decoder-900': 900, 'encoder': VALUE_LEN}
-IMPLS = ('reference', 'fused')
+# auto: what a model runs (impl='auto'); reference, the baseline of every ratio, comes last
+IMPLS = ('fused', 'auto', 'reference')
 MODES = ('forward', 'forward+backward')
 
 
@@ -94,11 +96,11 @@ def peak_bytes(case, impl, mode, dtype, device):
     return result['peak_bytes']
 
 
-def memory_ratio(reference_bytes, fused_bytes):
+def memory_ratio(reference_mib, fused_mib):
     # Resident-size growth below a MiB is within the kernel's lazy RSS accounting: no ratio.
-    if min(reference_bytes, fused_bytes) < 2**20:
-        return 'n/a'
-    return f'{reference_bytes / fused_bytes:.1f}x'
+    if min(reference_mib, fused_mib) < 1:
+        return None
+    return reference_mib / fused_mib
 
 
 def main():
@@ -119,24 +121,22 @@ def main():
     device_name = torch.cuda.get_device_name() if on_gpu else f'CPU, {torch.get_num_threads()} threads'
     print(f'# multi-scale deformable attention, {device_name}, torch {torch.__version__}')
     print(f'# levels {LEVEL_SHAPES} (S={VALUE_LEN}), heads {HEADS}, channels {CHANNELS}, points {POINTS}, batch 1; '
-          f'median of {repeats} after {warmup} warm-up')
-    header = (f'{"case":<12} {"queries":>7} {"dtype":<8} {"mode":<16} {"reference ms":>12} {"fused ms":>9} '
-              f'{"speed-up":>8} {"ref MiB":>8} {"fused MiB":>9} {"mem ratio":>9}')
-    print(header)
-    print('-' * len(header))
+          f'median of {repeats} after {warmup} warm-up; x = times faster than reference')
+    table = Table([Column('case', width=11), Column('queries', 'd', width=7), Column('dtype'), Column('mode', width=16),
+                   *(Column(f'{impl} ms', '.2f') for impl in IMPLS),
+                   *(Column(f'{impl} x', 'x', ratio=('reference ms', f'{impl} ms')) for impl in IMPLS[:-1]),
+                   *(Column(f'{impl} MiB', '.1f', width=9) for impl in IMPLS), Column('mem ratio', 'x', width=9)])
     for dtype in dtypes:
         for case in args.cases:
             for mode in MODES:
-                seconds, peaks = {}, {}
+                row = dict(case=case, queries=CASES[case], dtype=dtype, mode=mode)
                 for impl in IMPLS:
                     step = make_step(case, impl, mode, getattr(torch, dtype), args.device)
-                    seconds[impl] = median_seconds(step, args.device, repeats=repeats, warmup=warmup)
+                    row[f'{impl} ms'] = median_seconds(step, args.device, repeats=repeats, warmup=warmup) * 1e3
                     del step
-                    peaks[impl] = peak_bytes(case, impl, mode, dtype, args.device)
-                print(f'{case:<12} {CASES[case]:>7} {dtype:<8} {mode:<16} {seconds["reference"] * 1e3:>12.2f} '
-                      f'{seconds["fused"] * 1e3:>9.2f} {seconds["reference"] / seconds["fused"]:>7.1f}x '
-                      f'{peaks["reference"] / 2**20:>8.1f} {peaks["fused"] / 2**20:>9.1f} '
-                      f'{memory_ratio(peaks["reference"], peaks["fused"]):>9}', flush=True)
+                    row[f'{impl} MiB'] = peak_bytes(case, impl, mode, dtype, args.device) / 2**20
+                row['mem ratio'] = memory_ratio(row['reference MiB'], row['fused MiB'])
+                table.row(row)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
-"""Neighborhood attention: fused `dat::neighborhood_attn` vs the pure-PyTorch reference.
+"""Neighborhood attention: fused `dat::neighborhood_attn`, and `impl='auto'` (what models run), vs the pure-PyTorch
+reference.
 
 Times the forward (no autograd) and forward+backward at DAT++-T stage sizes (224 input) and at a
 detection size, and reports peak memory: on CUDA from the caching allocator, on CPU as the growth of
 the process's resident set, each (impl, size) measured in a fresh subprocess so that watermarks
-do not carry over. Times are the median call over at least a second of calls (3 to 50). `--with-flex`
-adds FlexAttention (block mask + rpb score_mod, torch.compile'd) as a third contender, the alternative
+do not carry over, and each implementation's largest difference from the reference's output. Times
+are the median call over at least a second of calls (3 to 50). `--with-flex` adds FlexAttention
+(block mask + rpb score_mod, torch.compile'd) as a further contender, the alternative
 fast path considered for this op.
 
     OMP_NUM_THREADS=2 python scripts/benchmark_nat.py
@@ -18,7 +20,7 @@ import torch
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
-from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
+from benchmark_harness import Column, PeakMemory, Table, median_seconds, run_isolated, serve_worker  # noqa: E402
 from dat.ops import neighborhood_attention  # noqa: E402
 
 # name, batch, heads, height, width (head_dim 32, kernel 7 throughout, as in DAT++-T)
@@ -30,6 +32,8 @@ SIZES = [
 ]
 HEAD_DIM = 32
 KERNEL_SIZE = 7
+# the worker's result keys of each mode's time and peak memory
+MODE_KEYS = {'forward': ('forward_ms', 'forward_mib'), 'forward+backward': ('train_ms', 'train_mib')}
 # the memory passes before the timings are their warm-up
 TIMING = dict(repeats=3, warmup=0, min_seconds=1.0, max_repeats=50)
 
@@ -128,29 +132,27 @@ def main():
     parser.add_argument('--with-flex', action='store_true', help='also measure FlexAttention (torch.compile)')
     args = parser.parse_args()
 
-    impls = ['fused', 'reference'] + (['flex'] if args.with_flex else [])
+    # reference, the baseline of every ratio, comes last
+    impls = ['fused', 'auto'] + (['flex'] if args.with_flex else []) + ['reference']
     print(f'device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} '
-          f'head_dim={HEAD_DIM} kernel={KERNEL_SIZE} dilation={args.dilation}')
-    print('| size | B x M | impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | speed-up vs reference '
-          'fwd / fwd+bwd | max abs diff vs reference |')
-    print('|---|---|---|---|---|---|---|---|---|')
-
-    def cell(result, key, form):
-        return form.format(result[key]) if key in result else 'n/a'
-
+          f'head_dim={HEAD_DIM} kernel={KERNEL_SIZE} dilation={args.dilation}; x = times faster than reference')
+    table = Table([Column('size', width=17), Column('B x M', width=5), Column('mode', width=16),
+                   *(Column(f'{impl} ms', '.1f') for impl in impls),
+                   *(Column(f'{impl} x', 'x', ratio=('reference ms', f'{impl} ms')) for impl in impls[:-1]),
+                   *(Column(f'{impl} MiB', '.0f', width=9) for impl in impls),
+                   *(Column(f'{impl} max diff', '.1e', width=9) for impl in impls[:-1])])
     for index, (name, B, M, _, _) in enumerate(SIZES):
         results = {impl: run_isolated(__file__, dict(impl=impl, size_index=index, device=args.device,
                                                      dilation=args.dilation)) for impl in impls}
-        reference = results['reference']
-        for impl, r in results.items():
-            if 'error' in r:
-                print(f'| {name} | {B} x {M} | {impl} | failed: {r["error"]} ||||||')
-                continue
-            speed_up = '/'.join(f'{reference[key] / r[key]:.1f}x' if key in r and key in reference else 'n/a'
-                                for key in ('forward_ms', 'train_ms'))
-            print(f'| {name} | {B} x {M} | {impl} | {cell(r, "forward_ms", "{:.1f}")} | {cell(r, "train_ms", "{:.1f}")} | '
-                  f'{cell(r, "forward_mib", "{:.0f}")} | {cell(r, "train_mib", "{:.0f}")} | {speed_up} | '
-                  f'{cell(r, "max_abs_diff", "{:.1e}")} |')
+        failures = '; '.join(f'{impl} failed: {r["error"]}' for impl, r in results.items() if 'error' in r)
+        for mode, (time_key, memory_key) in MODE_KEYS.items():
+            row = {'size': name, 'B x M': f'{B} x {M}', 'mode': mode}
+            for impl, result in results.items():
+                row[f'{impl} max diff'] = result.get('max_abs_diff')
+                row[f'{impl} ms'] = result.get(time_key)
+                row[f'{impl} MiB'] = result.get(memory_key)
+            table.row(row, note=failures)
+
 
 if __name__ == '__main__':
     main()

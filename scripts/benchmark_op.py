@@ -1,6 +1,7 @@
-"""Benchmark the fused `dat::deform_attn` op against the official (unchunked) deformable-attention math.
+"""Benchmark the fused `dat::deform_attn` op, and `impl='auto'` (what models run), against the official (unchunked)
+deformable-attention math.
 
-Both run in the same invocation, on the same inputs, forward and forward+backward, at DAT / DAT++ shapes.
+All three run in the same invocation, on the same inputs, forward and forward+backward, at DAT / DAT++ shapes.
 Every measurement runs in a fresh subprocess, so that peak memory is that of the measured calls alone:
 on CPU the peak resident set size over the resident size once the inputs exist; on CUDA
 torch.cuda.max_memory_allocated over the allocated bytes once the inputs exist. Time is the median call
@@ -15,7 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_harness import PeakMemory, format_bytes, median_seconds, run_isolated, serve_worker  # noqa: E402
+from benchmark_harness import (Column, PeakMemory, Table, median_seconds, run_isolated,  # noqa: E402
+                               serve_worker)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +27,8 @@ CASES = {
     'datpp-b-stage1': (8, 4, 2, (56, 56), (7, 7), 32, (111, 111)),
     'detection': (1, 4, 2, (200, 336), (25, 42), 32, (111, 111)),
 }
-IMPLS = ('fused', 'reference')
+# auto: what a model runs (impl='auto'); reference, the baseline of every ratio, comes last
+IMPLS = ('fused', 'auto', 'reference')
 MODES = ('forward', 'forward+backward')
 
 
@@ -79,8 +82,8 @@ def measure(case, impl, mode, dtype_name, device, min_seconds, max_repeats):
     scale = inputs['q'].shape[-1] ** -0.5
 
     def call():
-        if impl == 'fused':
-            out = deformable_attention(**inputs, scale=scale, impl='fused')
+        if impl in ('fused', 'auto'):
+            out = deformable_attention(**inputs, scale=scale, impl=impl)
         else:  # the official math, in one piece, as the original implementation evaluates it
             out = deformable_attention_reference(**inputs, scale=scale, block_elements=None)
         if backward:
@@ -113,34 +116,33 @@ def main():
     threads = torch.get_num_threads() if args.device == 'cpu' else None
     device_name = f'CPU, {threads} threads' if threads else torch.cuda.get_device_name()
     print(f'dat::deform_attn vs official math on {device_name} (torch {torch.__version__}); '
-          'time = median seconds per call, memory = peak growth over the inputs')
-    header = (f'{"case":<15} {"dtype":<8} {"mode":<17} {"fused s":>9} {"ref s":>9} {"speedup":>8} '
-              f'{"fused mem":>10} {"ref mem":>10} {"mem ratio":>9}')
+          'time = median seconds per call, memory = peak growth over the inputs; x = times faster than ref')
+    columns = [Column('case', width=14), Column('dtype'), Column('mode', width=16),
+               *(Column(f'{impl} s', '.4f') for impl in IMPLS),
+               *(Column(f'{impl} x', 'x', ratio=('reference s', f'{impl} s')) for impl in IMPLS[:-1]),
+               *(Column(f'{impl} MiB', '.1f', width=9) for impl in IMPLS),
+               Column('mem ratio', 'x', ratio=('reference MiB', 'fused MiB'))]
     if args.device == 'cuda':
-        header += f' {"fused GB/s":>10}'
-    print(header)
+        columns.append(Column('fused GB/s', '.1f'))
+    table = Table(columns)
     for case in args.cases:
         for dtype_name in dtypes:
             for mode in args.modes:
                 payload = dict(case=case, mode=mode, dtype_name=dtype_name, device=args.device,
                                min_seconds=args.min_seconds, max_repeats=args.max_repeats)
-                results = {impl: run_isolated(__file__, dict(payload, impl=impl)) for impl in IMPLS}
-                fused, reference = results['fused'], results['reference']
-                if 'error' in fused or 'error' in reference:
-                    print(f'{case:<15} {dtype_name:<8} {mode:<17} fused: {fused.get("error", "ok")}; '
-                          f'reference: {reference.get("error", "ok")}')
-                    continue
-                speedup = reference['seconds'] / fused['seconds']
-                memory_ratio = reference['peak_bytes'] / max(fused['peak_bytes'], 1)
-                line = (f'{case:<15} {dtype_name:<8} {mode:<17} {fused["seconds"]:>9.4f} '
-                        f'{reference["seconds"]:>9.4f} {speedup:>7.2f}x {format_bytes(fused["peak_bytes"]):>10} '
-                        f'{format_bytes(reference["peak_bytes"]):>10} {memory_ratio:>8.1f}x')
-                if args.device == 'cuda':
+                row = dict(case=case, dtype=dtype_name, mode=mode)
+                failures = []
+                for impl in IMPLS:
+                    result = run_isolated(__file__, dict(payload, impl=impl))
+                    if 'error' in result:
+                        failures.append(f'{impl} failed: {result["error"]}')
+                        continue
+                    row[f'{impl} s'] = result['seconds']
+                    row[f'{impl} MiB'] = result['peak_bytes'] / 2 ** 20
+                if args.device == 'cuda' and 'fused s' in row:
                     element = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-                    moved = fused_io_bytes(case, element, mode == 'forward+backward')
-                    line += f' {moved / fused["seconds"] / 1e9:>10.1f}'
-                print(line, flush=True)
-
+                    row['fused GB/s'] = fused_io_bytes(case, element, mode == 'forward+backward') / row['fused s'] / 1e9
+                table.row(row, note='; '.join(failures))
 
 if __name__ == '__main__':
     main()

@@ -1,5 +1,7 @@
 """scripts/: official checkpoint -> Hub folder (convert_official), its dry-run upload check (push_to_hub), both for
-every tag of the manifest (publish_all), and accuracy on an image folder (validate)."""
+every tag of the manifest (publish_all), accuracy on an image folder (validate), and the one table format of the
+benchmarks (benchmark_harness.Table)."""
+import io
 import json
 import re
 import shutil
@@ -112,3 +114,39 @@ def test_validate_on_an_image_folder_of_held_out_digits(tmp_path, capsys):
     assert result['images'] == 150
     assert result['top1'] >= 95.0 and result['top5'] >= result['top1']
     assert 'top-1' in capsys.readouterr().out
+
+
+def test_benchmark_table_aligns_columns_computes_ratios_and_notes_unmeasured_rows():
+    harness = load_script('benchmark_harness')
+    gpu_check = load_script('gpu_check')
+    out = io.StringIO()
+    table = harness.Table([harness.Column('case', width=9), harness.Column('fused s', '.4f'),
+                           harness.Column('reference s', '.4f'),
+                           harness.Column('fused x', 'x', ratio=('reference s', 'fused s'))], out=out)
+    table.row({'case': 'detection', 'fused s': 3.0332, 'reference s': 12.0935})
+    table.row({'case': 'stage1', 'reference s': 0.1586}, note='fused failed: torch.OutOfMemoryError: no memory')
+    assert out.getvalue().splitlines() == [
+        'case        fused s  reference s   fused x',
+        '---------  --------  -----------  --------',
+        'detection    3.0332      12.0935     3.99x',
+        'stage1          n/a       0.1586       n/a  fused failed: torch.OutOfMemoryError: no memory',
+    ]
+    # scripts/gpu_check.py counts the row with a note as not measured, and only that one
+    assert gpu_check.judge_benchmark(0, out.getvalue(), '').headline == 'rows not measured: 1'
+
+
+def test_benchmark_table_takes_ratios_against_a_baseline_row():
+    # the rows of scripts/benchmark.py: one per variant, its ratio against the reference variant's row
+    harness = load_script('benchmark_harness')
+    out = io.StringIO()
+    table = harness.Table([harness.Column('model', width=11), harness.Column('mode'), harness.Column('input'),
+                           harness.Column('variant', width=9), harness.Column('img/s', '.2f'),
+                           harness.Column('peak MB', '.0f'), harness.Column('ratio', 'x')], out=out)
+    table.row(dict(model='dat_tiny', mode='fwd', input='8x224x224', variant='reference', **{'img/s': 40.0,
+                                                                                          'peak MB': 812.4}))
+    table.row(dict(model='dat_tiny', mode='fwd', input='8x224x224', variant='fused', ratio=1.5, **{'img/s': 60.0,
+                                                                                                 'peak MB': 406.0}))
+    assert out.getvalue().splitlines()[2:] == [
+        'dat_tiny     fwd       8x224x224  reference     40.00       812       n/a',
+        'dat_tiny     fwd       8x224x224  fused         60.00       406     1.50x',
+    ]
