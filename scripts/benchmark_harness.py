@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -68,6 +68,45 @@ def median_seconds(step, device, repeats: int, warmup: int = 1, min_seconds: flo
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], device, repeats: int,
+                               warmup: int = 1) -> Dict[str, float]:
+    """Median wall time of one call of each of `steps`, timed round-robin: each round calls every step once, so
+    that a disturbance of the machine (another process, a frequency change) hits all of them alike, and their
+    ratios hold where their absolute times would not."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    synchronize(device)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def import_official_module(official_src: str, module_name: str):
+    """The official DAT code's `models/<module_name>.py` (e.g. 'dat_blocks') imported from a checkout of
+    LeapLabTHU/DAT at `official_src`, for baselines measured against it; nothing of that code is copied here.
+
+    Its `models` folder is imported as a package without running its `__init__.py`, which builds every model
+    family (DAT++'s pulls in natten); the module's own relative imports still resolve.
+    """
+    import importlib
+    import types
+    models = os.path.join(os.path.abspath(os.path.expanduser(official_src)), 'models')
+    if not os.path.isfile(os.path.join(models, module_name + '.py')):
+        raise SystemExit(f'--official-src {official_src}: no models/{module_name}.py there; point it at a checkout '
+                         'of LeapLabTHU/DAT')
+    package = f'official_dat_models_{abs(hash(models))}'
+    if package not in sys.modules:
+        sys.modules[package] = types.ModuleType(package)
+        sys.modules[package].__path__ = [models]
+    return importlib.import_module(f'{package}.{module_name}')
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -150,3 +150,24 @@ def test_benchmark_table_takes_ratios_against_a_baseline_row():
         'dat_tiny     fwd       8x224x224  reference     40.00       812       n/a',
         'dat_tiny     fwd       8x224x224  fused         60.00       406     1.50x',
     ]
+
+
+def test_official_module_imports_without_the_official_package_init(tmp_path):
+    # the official models/__init__.py builds every family (DAT++'s imports natten); the baselines skip it
+    models = tmp_path / 'DAT' / 'models'
+    models.mkdir(parents=True)
+    (models / '__init__.py').write_text('raise ImportError("natten")\n')
+    (models / 'helpers.py').write_text('SCALE = 3\n')
+    (models / 'dat_blocks.py').write_text('from .helpers import SCALE\n\ndef triple(x):\n    return SCALE * x\n')
+    harness = load_script('benchmark_harness')
+    assert harness.import_official_module(str(tmp_path / 'DAT'), 'dat_blocks').triple(2) == 6
+    with pytest.raises(SystemExit, match='no models/dat.py there; point it at a checkout of LeapLabTHU/DAT'):
+        harness.import_official_module(str(tmp_path / 'DAT'), 'dat')
+
+
+def test_interleaved_median_seconds_times_every_step_each_round():
+    harness = load_script('benchmark_harness')
+    calls = []
+    seconds = harness.interleaved_median_seconds({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                                                 'cpu', repeats=3, warmup=1)
+    assert calls == ['a', 'b'] * 4 and set(seconds) == {'a', 'b'}
