@@ -37,11 +37,12 @@ DEFAULT_MODELS = ['dat_tiny', 'dat_small', 'dat_base', 'dat_pp_tiny', 'dat_pp_sm
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def training_or_inference_step(model, images, train, autocast):
-    """One forward (and with `train`, backward) pass of `model` as a callable for `median_seconds`."""
+def training_or_inference_step(model, images, train, autocast, logits_of=lambda output: output):
+    """One forward (and with `train`, backward) pass of `model` as a callable for `median_seconds`; `logits_of`
+    picks the logits from what the model returns."""
     def step():
         with autocast, torch.set_grad_enabled(train):
-            loss = model(images).float().mean()
+            loss = logits_of(model(images)).float().mean()
         if train:
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -95,11 +96,13 @@ def measure_against_official(model_name, official_src, size, batch, train, devic
     import dat  # noqa: F401
 
     models = dict(zip(('official', 'ours'), official_and_ours(official_src, model_name)))
+    # the official model returns (logits, deformed positions, reference points)
+    logits_of = {'official': lambda output: output[0], 'ours': lambda output: output}
     images = torch.randn(batch, 3, *size, device=device)
     steps = {}
     for name, model in models.items():
         model.to(device).train(train)
-        steps[name] = training_or_inference_step(model, images, train, contextlib.nullcontext())
+        steps[name] = training_or_inference_step(model, images, train, contextlib.nullcontext(), logits_of[name])
     seconds = {name: [] for name in models}
     for _ in range(repeats):
         for name, step in steps.items():
