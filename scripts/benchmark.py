@@ -103,11 +103,17 @@ def measure_against_official(model_name, official_src, size, batch, train, devic
     for name, model in models.items():
         model.to(device).train(train)
         steps[name] = training_or_inference_step(model, images, train, contextlib.nullcontext(), logits_of[name])
+    with torch.no_grad():
+        logits = {name: logits_of[name](model.eval()(images)) for name, model in models.items()}
+    for model in models.values():
+        model.train(train)
     seconds = {name: [] for name in models}
     for _ in range(repeats):
         for name, step in steps.items():
             seconds[name].append(median_seconds(step, device, repeats=1, warmup=0 if seconds[name] else 1))
-    return {name: batch / statistics.median(times) for name, times in seconds.items()}
+    speeds = {name: batch / statistics.median(times) for name, times in seconds.items()}
+    # the two must compute the same function for the comparison to mean anything
+    return dict(speeds, max_logit_difference=(logits['ours'] - logits['official']).abs().max().item())
 
 
 WORKER_TASKS = {'model': measure, 'official': measure_against_official}
@@ -118,7 +124,7 @@ def run_worker_task(task, **payload):
 
 
 def compare_with_official(args, mode, shape):
-    print(f'{"model":<14}{"mode":<9}{"input":<14}{"code":<10}{"img/s":>9}{"vs official":>13}')
+    print(f'{"model":<14}{"mode":<9}{"input":<14}{"code":<10}{"img/s":>9}{"vs official":>13}{"max |logit diff|":>18}')
     for model_name in args.models:
         result = run_isolated(__file__, dict(
             task='official', model_name=model_name, official_src=args.official_src, size=args.size,
@@ -128,7 +134,9 @@ def compare_with_official(args, mode, shape):
             print(f'{label}  unavailable: {result["error"]}')
             continue
         for code in ('official', 'ours'):
-            print(f'{label}{code:<10}{result[code]:>9.2f}{result[code] / result["official"]:>13.2f}', flush=True)
+            difference = f'{result["max_logit_difference"]:>18.1e}' if code == 'ours' else ''
+            print(f'{label}{code:<10}{result[code]:>9.2f}{result[code] / result["official"]:>13.2f}{difference}',
+                  flush=True)
 
 
 def main():
