@@ -52,7 +52,7 @@ def training_or_inference_step(model, images, train, autocast, logits_of=lambda 
 def measure(model_name, impl, size, batch, train, device, precision, repeats, compiled=False):
     """Runs in the worker: images/s and peak memory growth of one model with one attention implementation at
     one precision (a key of AUTOCAST_DTYPES), eager or under torch.compile (its compilation happens in the
-    warm-up pass, which is not timed)."""
+    warm-up pass, which is not timed but counts towards the peak memory)."""
     import timm
     import dat  # noqa: F401
     from dat.ops import native_op_available
