@@ -98,11 +98,11 @@ class WindowAttention(nn.Module):
         # logits, bias, mask and softmax in fp32 for half-precision activations (dat.precision)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).to(full_precision(q.dtype))
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        # in place: the logits are a fresh tensor that no backward needs, and these are the largest tensors here
+        attn += bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
         mask = self.attention_mask(H, W, attn)
         if mask is not None:
-            attn = attn.view(B, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
-            attn = attn.view(-1, self.num_heads, tokens, tokens)
+            attn.view(B, num_windows, self.num_heads, tokens, tokens).add_(mask[None, :, None])
         out = (attn.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(-1, tokens, C)
         out = self.proj_drop(self.proj_out(out))
 
