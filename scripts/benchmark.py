@@ -8,12 +8,14 @@ Throughput is from the median pass of --repeats, after one warm-up pass.
     python scripts/benchmark.py --train                          # forward + backward
     python scripts/benchmark.py --device cuda --precisions bf16  # on a GPU, bf16 autocast only
     python scripts/benchmark.py --compile                        # torch.compile(model) beside eager
+    python scripts/benchmark.py --models dat_tiny dat_pp_tiny swin_tiny_patch4_window7_224   # any timm model
     python scripts/benchmark.py --baseline official --official-src ~/DAT --models dat_tiny --train
 
+A model that is not dat's (no attention kernels to choose) is measured once, in the `impl` column as '-'.
 `--baseline official` times our models against the official LeapLabTHU/DAT code (DAT v1: DIR/models/dat.py,
 built from DIR/configs/<model>.yaml; it needs `einops`) with the same random weights, loaded into ours through
-`dat.load_official`: both in one process, passes interleaved, the median of --repeats each; drop path is off in
-both so that every pass runs the same blocks.
+`dat.load_official`: both in one process, passes interleaved (the median of --repeats rounds), drop path off in
+both so that every pass runs the same blocks, and the two models' logits compared.
 
 Detection backbones (the feature pyramid at 800x1333, gradient checkpointing): scripts/benchmark_backbone.py.
 Prints a table with images/s and peak memory per implementation and precision (fp32; bf16 or fp16: under
@@ -22,15 +24,15 @@ the fused implementation's speed and memory against the reference's at the same 
 """
 import argparse
 import contextlib
-import importlib
 import os
-import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_harness import PeakMemory, median_seconds, run_isolated, serve_worker  # noqa: E402
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
+from benchmark_harness import (Column, PeakMemory, Table, import_official_module,  # noqa: E402
+                               interleaved_median_seconds, median_seconds, run_isolated, serve_worker)
 
 DEFAULT_MODELS = ['dat_tiny', 'dat_small', 'dat_base', 'dat_pp_tiny', 'dat_pp_small', 'dat_pp_base']
 # what each precision runs under: nothing (fp32 weights and inputs), or autocast to a half-precision dtype
@@ -38,8 +40,8 @@ AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def training_or_inference_step(model, images, train, autocast, logits_of=lambda output: output):
-    """One forward (and with `train`, backward) pass of `model` as a callable for `median_seconds`; `logits_of`
-    picks the logits from what the model returns."""
+    """One forward (and with `train`, backward) pass of `model` as a callable to time; `logits_of` picks the
+    logits from what the model returns."""
     def step():
         with autocast, torch.set_grad_enabled(train):
             loss = logits_of(model(images)).float().mean()
@@ -49,18 +51,23 @@ def training_or_inference_step(model, images, train, autocast, logits_of=lambda 
     return step
 
 
-def measure(model_name, impl, size, batch, train, device, precision, repeats, compiled=False):
-    """Runs in the worker: images/s and peak memory growth of one model with one attention implementation at
-    one precision (a key of AUTOCAST_DTYPES), eager or under torch.compile (its compilation happens in the
-    warm-up pass, which is not timed but counts towards the peak memory)."""
+def is_dat_model(model_name):
+    import dat  # noqa: F401  (registers the models with timm)
     import timm
-    import dat  # noqa: F401
+    return model_name.split('.')[0] in timm.list_models(module='dat')
+
+
+def measure(model_name, impl, size, batch, train, device, precision, repeats, compiled=False):
+    """Runs in the worker: images/s and peak memory growth of one model with one attention implementation (None
+    for a model that is not dat's) at one precision (a key of AUTOCAST_DTYPES), eager or under torch.compile (its
+    compilation happens in the warm-up pass, which is not timed but counts towards the peak memory)."""
+    import timm
     from dat.ops import native_op_available
 
     if impl == 'fused' and not native_op_available('deform_attn', device):
         return {'error': 'fused op not built for ' + device}
     torch.manual_seed(0)
-    model = timm.create_model(model_name, attn_impl=impl).to(device)
+    model = timm.create_model(model_name, **({'attn_impl': impl} if impl else {})).to(device)
     model.train(train)
     if compiled:
         model = torch.compile(model, fullgraph=True)
@@ -71,7 +78,7 @@ def measure(model_name, impl, size, batch, train, device, precision, repeats, co
     # the warm-up pass is inside the measured region: on the CPU it already reaches the peak
     with PeakMemory(device) as memory:
         seconds = median_seconds(step, device, repeats=repeats, warmup=1)
-    return {'images_per_s': batch / seconds, 'peak_mb': memory.growth / 2 ** 20, 'seconds': seconds}
+    return {'images_per_s': batch / seconds, 'peak_mb': memory.growth / 2 ** 20}
 
 
 def official_and_ours(official_src, model_name):
@@ -81,39 +88,25 @@ def official_and_ours(official_src, model_name):
 
     section = official_model_section(os.path.join(official_src, 'configs', f'{model_name}.yaml'))
     section['drop_path_rate'] = 0.0
-    sys.path.insert(0, os.path.abspath(official_src))
-    # the official code imports its model as `models.dat`, a package name ours does not use
-    official_dat = importlib.import_module('models.dat')
     torch.manual_seed(0)
-    official = official_dat.DAT(**section)
-    ours = load_official(section, {'model': official.state_dict()})
-    return official, ours
+    official = import_official_module(official_src, 'dat').DAT(**section)
+    return official, load_official(section, {'model': official.state_dict()})
 
 
 def measure_against_official(model_name, official_src, size, batch, train, device, repeats):
-    """Runs in the worker: images/s of the official model and of ours, passes interleaved so that both see the
-    same state of the machine."""
-    import dat  # noqa: F401
-
+    """Runs in the worker: images/s of the official model and of ours, interleaved, and how far their logits are
+    apart (they must compute the same function for the comparison to mean anything)."""
     models = dict(zip(('official', 'ours'), official_and_ours(official_src, model_name)))
     # the official model returns (logits, deformed positions, reference points)
     logits_of = {'official': lambda output: output[0], 'ours': lambda output: output}
     images = torch.randn(batch, 3, *size, device=device)
-    steps = {}
-    for name, model in models.items():
-        model.to(device).train(train)
-        steps[name] = training_or_inference_step(model, images, train, contextlib.nullcontext(), logits_of[name])
     with torch.no_grad():
-        logits = {name: logits_of[name](model.eval()(images)) for name, model in models.items()}
-    for model in models.values():
-        model.train(train)
-    seconds = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            seconds[name].append(median_seconds(step, device, repeats=1, warmup=0 if seconds[name] else 1))
-    speeds = {name: batch / statistics.median(times) for name, times in seconds.items()}
-    # the two must compute the same function for the comparison to mean anything
-    return dict(speeds, max_logit_difference=(logits['ours'] - logits['official']).abs().max().item())
+        logits = {name: logits_of[name](model.to(device).eval()(images)) for name, model in models.items()}
+    steps = {name: training_or_inference_step(model.train(train), images, train, contextlib.nullcontext(),
+                                              logits_of[name]) for name, model in models.items()}
+    seconds = interleaved_median_seconds(steps, device, repeats)
+    return {'images_per_s': {name: batch / time for name, time in seconds.items()},
+            'max_logit_difference': (logits['ours'] - logits['official']).abs().max().item()}
 
 
 WORKER_TASKS = {'model': measure, 'official': measure_against_official}
@@ -124,19 +117,60 @@ def run_worker_task(task, **payload):
 
 
 def compare_with_official(args, mode, shape):
-    print(f'{"model":<14}{"mode":<9}{"input":<14}{"code":<10}{"img/s":>9}{"vs official":>13}{"max |logit diff|":>18}')
+    table = Table([Column('model', width=14), Column('mode', width=7), Column('input', width=11),
+                   Column('code', width=8), Column('img/s', '.2f'), Column('vs official', 'x', width=11),
+                   Column('max |logit diff|', '.1e')])
     for model_name in args.models:
         result = run_isolated(__file__, dict(
             task='official', model_name=model_name, official_src=args.official_src, size=args.size,
             batch=args.batch, train=args.train, device=args.device, repeats=args.repeats))
-        label = f'{model_name:<14}{mode:<9}{shape:<14}'
+        row = {'model': model_name, 'mode': mode, 'input': shape}
         if 'error' in result:
-            print(f'{label}  unavailable: {result["error"]}')
+            table.row(row, note=f'failed: {result["error"]}')
             continue
-        for code in ('official', 'ours'):
-            difference = f'{result["max_logit_difference"]:>18.1e}' if code == 'ours' else ''
-            print(f'{label}{code:<10}{result[code]:>9.2f}{result[code] / result["official"]:>13.2f}{difference}',
-                  flush=True)
+        speeds = result['images_per_s']
+        table.row(dict(row, code='official', **{'img/s': speeds['official']}))
+        table.row(dict(row, code='ours', **{'img/s': speeds['ours'], 'vs official': speeds['ours'] / speeds['official'],
+                                             'max |logit diff|': result['max_logit_difference']}))
+
+
+def compare_implementations(args, mode, shape):
+    """Each dat model with the fused kernels and with the reference, at each precision, eager (and compiled);
+    ratios against the same implementation in fp32 and eager, and of fused against the reference."""
+    variants = ['eager', 'compiled'] if args.compile else ['eager']
+    table = Table([Column('model', width=14), Column('mode', width=7), Column('input', width=11),
+                   Column('impl', width=9), Column('precision', width=9), Column('variant', width=8),
+                   Column('img/s', '.2f'), Column('peak MB', '.0f'), Column('vs fp32', 'x'),
+                   Column('vs eager', 'x'), Column('vs reference', 'x', width=12),
+                   Column('memory /', 'x', width=8)])
+    for model_name in args.models:
+        impls = ('reference', 'fused') if is_dat_model(model_name) else (None,)
+        results = {(impl, precision, variant): run_isolated(__file__, dict(
+            task='model', model_name=model_name, impl=impl, size=args.size, batch=args.batch, train=args.train,
+            device=args.device, precision=precision, repeats=args.repeats, compiled=variant == 'compiled'),
+            env=dict(DAT_ATTN_IMPL=impl) if impl else None)
+            for impl in impls for precision in args.precisions for variant in variants}
+        for (impl, precision, variant), result in results.items():
+            row = {'model': model_name, 'mode': mode, 'input': shape, 'impl': impl or '-', 'precision': precision,
+                   'variant': variant}
+            if 'error' in result:
+                table.row(row, note=f'failed: {result["error"]}')
+                continue
+
+            def versus(baseline_key):
+                baseline = results.get(baseline_key, {})
+                if baseline_key == (impl, precision, variant) or 'images_per_s' not in baseline:
+                    return None
+                return result['images_per_s'] / baseline['images_per_s']
+
+            reference = results.get(('reference', precision, variant), {})
+            memory = (reference['peak_mb'] / max(result['peak_mb'], 1e-9)
+                      if impl == 'fused' and 'peak_mb' in reference else None)
+            table.row(dict(row, **{'img/s': result['images_per_s'], 'peak MB': result['peak_mb'],
+                                   'vs fp32': versus((impl, 'fp32', variant)),
+                                   'vs eager': versus((impl, precision, 'eager')),
+                                   'vs reference': versus(('reference', precision, variant)),
+                                   'memory /': memory}))
 
 
 def main():
@@ -164,36 +198,8 @@ def main():
     shape = f'{args.batch}x{args.size[0]}x{args.size[1]}'
     if args.baseline == 'official':
         compare_with_official(args, mode, shape)
-        return
-    variants = ['eager', 'compiled'] if args.compile else ['eager']
-    print(f'{"model":<14}{"mode":<9}{"input":<14}{"impl":<11}{"precision":<11}{"variant":<10}{"img/s":>9}'
-          f'{"peak MB":>10}{"vs fp32":>9}{"vs eager":>10}{"speed x":>9}{"memory /":>10}')
-    for model_name in args.models:
-        results = {(impl, precision, variant): run_isolated(__file__, dict(
-            task='model', model_name=model_name, impl=impl, size=args.size, batch=args.batch, train=args.train,
-            device=args.device, precision=precision, repeats=args.repeats, compiled=variant == 'compiled'),
-            env=dict(DAT_ATTN_IMPL=impl))
-            for impl in ('reference', 'fused') for precision in args.precisions for variant in variants}
-        for (impl, precision, variant), result in results.items():
-            label = f'{model_name:<14}{mode:<9}{shape:<14}{impl:<11}{precision:<11}{variant:<10}'
-            if 'error' in result:
-                print(f'{label}  unavailable: {result["error"]}')
-                continue
-            speed = result['images_per_s']
-
-            def versus(baseline_key, width):
-                baseline = results.get(baseline_key, {})
-                if baseline_key == (impl, precision, variant) or 'images_per_s' not in baseline:
-                    return f'{"":>{width}}'
-                return f'{speed / baseline["images_per_s"]:>{width}.2f}'
-
-            ratio = ''
-            reference = results[('reference', precision, variant)]
-            if impl == 'fused' and 'error' not in reference:
-                ratio = f'{versus(("reference", precision, variant), 9)}' \
-                        f'{reference["peak_mb"] / max(result["peak_mb"], 1e-9):>10.2f}'
-            print(f'{label}{speed:>9.2f}{result["peak_mb"]:>10.0f}{versus((impl, "fp32", variant), 9)}'
-                  f'{versus((impl, precision, "eager"), 10)}{ratio}', flush=True)
+    else:
+        compare_implementations(args, mode, shape)
 
 
 if __name__ == '__main__':
