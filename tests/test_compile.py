@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) of whole models, one per family (DAT, DAT++, dat_nano), with the default kernels:
-no graph break anywhere, and outputs and gradients equal to eager.
+"""torch.compile(fullgraph=True) of whole models, one per family (DAT, DAT++, dat_nano), with the default kernels
+and with the pure-PyTorch reference (what a build without the extension runs): no graph break anywhere, and
+outputs and gradients equal to eager.
 
 The aot_eager backend runs everything fullgraph needs (Dynamo tracing the whole model, the ops' fake kernels and
 autograd formulas in AOTAutograd's joint graph) without inductor's code generation, which takes 3 to 6 minutes
@@ -13,11 +14,11 @@ NARROW = dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), offset_groups=(1, 
 # Two blocks a stage keep every block type of a family (DAT: L, S, D; DAT++: N, D, its conv stem, local perception
 # units and depth-wise-conv MLPs) at a fraction of the compile time of the real depths; dat_nano is the real model.
 FAMILIES = {
-    'dat': lambda: timm.create_model('dat_tiny', num_classes=10, **NARROW, depths=(2, 2, 2, 2),
-                                     block_types=('LS', 'LS', 'LD', 'LD')),
-    'dat_pp': lambda: timm.create_model('dat_pp_tiny', num_classes=10, **NARROW, depths=(2, 2, 2, 2),
-                                        block_types=('ND', 'ND', 'ND', 'DD')),
-    'dat_nano': lambda: timm.create_model('dat_nano', num_classes=10),
+    'dat': lambda impl: timm.create_model('dat_tiny', num_classes=10, **NARROW, depths=(2, 2, 2, 2),
+                                          block_types=('LS', 'LS', 'LD', 'LD'), attn_impl=impl),
+    'dat_pp': lambda impl: timm.create_model('dat_pp_tiny', num_classes=10, **NARROW, depths=(2, 2, 2, 2),
+                                             block_types=('ND', 'ND', 'ND', 'DD'), attn_impl=impl),
+    'dat_nano': lambda impl: timm.create_model('dat_nano', num_classes=10, attn_impl=impl),
 }
 # At 64x64 the stage maps are 16, 8, 4 and 2 pixels: shifted windows are padded and masked, neighborhoods padded.
 INPUT_SHAPE = (2, 3, 64, 64)
@@ -30,10 +31,11 @@ def loss_and_gradients(model, images, labels):
     return logits.detach(), gradients
 
 
+@pytest.mark.parametrize('impl', ['auto', 'reference'])
 @pytest.mark.parametrize('family', list(FAMILIES))
-def test_fullgraph_compile_matches_eager(family):
+def test_fullgraph_compile_matches_eager(family, impl):
     torch._dynamo.reset()
-    model = FAMILIES[family]().train()  # train(): drop path and dropout are 0, so the outputs are deterministic
+    model = FAMILIES[family](impl).train()  # train(): drop path and dropout are 0, so the outputs are deterministic
     images = torch.randn(INPUT_SHAPE)
     labels = torch.arange(INPUT_SHAPE[0])
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')

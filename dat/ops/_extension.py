@@ -110,6 +110,17 @@ def read_kernel_limits(op_name: str, namespace: str = 'dat') -> Dict[str, dict]:
             for device_type in KERNEL_DEVICE_TYPES if hasattr(ops, f'{op_name}_{device_type}_limits')}
 
 
+def check_input(op: str, condition, message: Callable[[], str], kind=torch._check_value) -> None:
+    """One input check of `op`: raises ValueError (`kind` torch._check_value) or TypeError (torch._check_type)
+    with f'{op}: {message()}' unless `condition`. A plain bool is tested in Python, which torch.compile traces
+    without a graph break (Dynamo cannot trace torch._check with a message closure); a symbolic one (fake
+    tensors with dynamic shapes) goes through `kind`, which records it as a guard."""
+    if not isinstance(condition, bool):
+        kind(condition, lambda: f'{op}: {message()}')
+    elif not condition:
+        raise (TypeError if kind is torch._check_type else ValueError)(f'{op}: {message()}')
+
+
 def autograd_will_run(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd will call the backward of an op taking `tensors` (None for an absent optional one)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

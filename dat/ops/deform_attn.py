@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dat.precision import HALF_DTYPES, autocast_disabled, cast_floating, full_precision
-from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_refusal, read_kernel_limits,
-                         resolve_impl, shared_memory_refusal)
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, check_input, dtype_refusal,
+                         read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -40,7 +40,7 @@ def check_deformable_attention_inputs(q, k, v, kpos, qpos, rpe) -> None:
     types (ValueError for shapes and devices, TypeError for dtypes); torch._check_* so that fake tensors and
     symbolic shapes go through them under torch.compile."""
     def check(condition, message, kind=torch._check_value):
-        kind(condition, lambda: f'{OP}: {message()}')
+        check_input(OP, condition, message, kind)
 
     check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
           lambda: f'q, k, v must be (B, heads, N, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from dat.precision import HALF_DTYPES, autocast_disabled, cast_floating, full_precision
-from ._extension import (FusedOpBinding, Refusal, bind_fused_op, dtype_refusal, grid_refusal, read_kernel_limits,
-                         resolve_impl)
+from ._extension import (FusedOpBinding, Refusal, bind_fused_op, check_input, dtype_refusal, grid_refusal,
+                         read_kernel_limits, resolve_impl)
 
 OP_NAME = 'ms_deform_attn'
 OP = f'dat::{OP_NAME}'
@@ -30,7 +30,7 @@ KERNEL_LIMITS = read_kernel_limits(OP_NAME)
 
 
 def _check(condition, message, kind=torch._check_value) -> None:
-    kind(condition, lambda: f'{OP}: {message()}')
+    check_input(OP, condition, message, kind)
 
 
 def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,

@@ -28,8 +28,8 @@ import torch
 
 from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
 from dat.tracing import eager_lru_cache
-from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, dtype_name, dtype_refusal,
-                         grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
+from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, check_input, dtype_name,
+                         dtype_refusal, grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
 
 OP_NAME = 'neighborhood_attn'
 OP = f'dat::{OP_NAME}'
@@ -44,7 +44,7 @@ def check_neighborhood_attention_inputs(q, k, v, rpb, kernel_size: int, dilation
     exception types (ValueError for shapes, sizes and devices, TypeError for dtypes); torch._check_* so that fake
     tensors and symbolic shapes go through them under torch.compile."""
     def check(condition, message, kind=torch._check_value):
-        kind(condition, lambda: f'{OP}: {message()}')
+        check_input(OP, condition, message, kind)
 
     check(isinstance(kernel_size, int) and kernel_size > 1 and kernel_size % 2 == 1,
           lambda: f'kernel_size must be odd and > 1, got {kernel_size!r}')
