@@ -20,8 +20,8 @@ the same on every device, forward and backward, make both work:
 2. Softmaxes run in at least fp32 on logits taken to `full_precision` before the bias and mask are added;
    the probabilities return to the values' dtype for the weighted sum, whose matmul accumulates in fp32.
 3. The ops decide their compute dtype from their inputs, not from the autocast state, and accept the mix
-   of dtypes that autocast and half-precision weights produce (`is_half_precision_mix`): activations in one
-   half-precision dtype next to coordinates, attention weights and bias tables in fp32 or that dtype.
+   of dtypes that autocast and half-precision weights produce: activations in one half-precision dtype next
+   to coordinates, attention weights and bias tables in fp32 or that dtype.
 
     op                                 may be fp32 next to half activations   computes in   output
     deformable_attention               kpos, qpos, rpe                        fp32          q's dtype
@@ -36,7 +36,7 @@ the same on every device, forward and backward, make both work:
    error, as in the native ops.
 """
 import contextlib
-from typing import ContextManager, Optional, Sequence, Tuple
+from typing import ContextManager, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,16 +57,6 @@ def autocast_disabled(device_type: str) -> ContextManager:
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def is_half_precision_mix(activations: Sequence[torch.Tensor], companions: Sequence[Optional[torch.Tensor]]) -> bool:
-    """Whether an op's inputs are the mix autocast and half-precision weights produce (rule 3 above): the
-    activations in one half-precision dtype, and each companion (coordinate, attention weight, bias table;
-    None where absent) in fp32 or that dtype, at least one of them in fp32."""
-    dtype = activations[0].dtype
-    present = [tensor.dtype for tensor in companions if tensor is not None]
-    return (dtype in HALF_DTYPES and all(tensor.dtype == dtype for tensor in activations)
-            and all(companion in (dtype, torch.float32) for companion in present) and torch.float32 in present)
 
 
 def cast_floating(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from dat.precision import autocast_disabled, cast_floating, full_precision, is_half_precision_mix
+from dat.precision import HALF_DTYPES, autocast_disabled, cast_floating, full_precision
 from dat.tracing import eager_lru_cache
 from ._extension import (FusedOpBinding, Refusal, autograd_will_run, bind_fused_op, check_input, dtype_name,
                          dtype_refusal, grid_refusal, read_kernel_limits, resolve_impl, shared_memory_refusal)
@@ -175,7 +175,7 @@ def neighborhood_attention(q, k, v, rpb, kernel_size: int, dilation: int = 1, sc
     `fused_refusal`), 'fused' or 'reference'; None defers to $DAT_ATTN_IMPL.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if is_half_precision_mix((q, k, v), (rpb,)):
+    if q.dtype in HALF_DTYPES and rpb.dtype == torch.float32:  # autocast's mix: the table joins q's dtype
         rpb = rpb.to(q.dtype)
     if resolve_impl(impl, OP_NAME, q.device.type, lambda: fused_refusal(
             q.device, q.dtype, **fused_problem(q, k, v, rpb, kernel_size, dilation))) == 'fused':
