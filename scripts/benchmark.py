@@ -23,7 +23,6 @@ torch.autocast, by default bf16), the autocast speed against fp32 of the same im
 the fused implementation's speed and memory against the reference's at the same precision.
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -31,24 +30,13 @@ import torch
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
-from benchmark_harness import (Column, PeakMemory, Table, import_official_module,  # noqa: E402
-                               interleaved_median_seconds, median_seconds, run_isolated, serve_worker)
+from benchmark_harness import (Column, PeakMemory, Table, first_output, import_official_module,  # noqa: E402
+                               interleaved_median_seconds, median_seconds, run_isolated, serve_worker,
+                               training_or_inference_step)
 
 DEFAULT_MODELS = ['dat_tiny', 'dat_small', 'dat_base', 'dat_pp_tiny', 'dat_pp_small', 'dat_pp_base']
 # what each precision runs under: nothing (fp32 weights and inputs), or autocast to a half-precision dtype
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def training_or_inference_step(model, images, train, autocast, logits_of=lambda output: output):
-    """One forward (and with `train`, backward) pass of `model` as a callable to time; `logits_of` picks the
-    logits from what the model returns."""
-    def step():
-        with autocast, torch.set_grad_enabled(train):
-            loss = logits_of(model(images)).float().mean()
-        if train:
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-    return step
 
 
 def is_dat_model(model_name):
@@ -73,7 +61,7 @@ def measure(model_name, impl, size, batch, train, device, precision, repeats, co
         model = torch.compile(model, fullgraph=True)
     images = torch.randn(batch, 3, *size, device=device)
     autocast_dtype = AUTOCAST_DTYPES[precision]
-    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else None
     step = training_or_inference_step(model, images, train, autocast)
     # the warm-up pass is inside the measured region: on the CPU it already reaches the peak
     with PeakMemory(device) as memory:
@@ -97,13 +85,10 @@ def measure_against_official(model_name, official_src, size, batch, train, devic
     """Runs in the worker: images/s of the official model and of ours, interleaved, and how far their logits are
     apart (they must compute the same function for the comparison to mean anything)."""
     models = dict(zip(('official', 'ours'), official_and_ours(official_src, model_name)))
-    # the official model returns (logits, deformed positions, reference points)
-    logits_of = {'official': lambda output: output[0], 'ours': lambda output: output}
     images = torch.randn(batch, 3, *size, device=device)
     with torch.no_grad():
-        logits = {name: logits_of[name](model.to(device).eval()(images)) for name, model in models.items()}
-    steps = {name: training_or_inference_step(model.train(train), images, train, contextlib.nullcontext(),
-                                              logits_of[name]) for name, model in models.items()}
+        logits = {name: first_output(model.to(device).eval()(images)) for name, model in models.items()}
+    steps = {name: training_or_inference_step(model.train(train), images, train) for name, model in models.items()}
     seconds = interleaved_median_seconds(steps, device, repeats)
     return {'images_per_s': {name: batch / time for name, time in seconds.items()},
             'max_logit_difference': (logits['ours'] - logits['official']).abs().max().item()}

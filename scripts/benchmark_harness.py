@@ -5,6 +5,7 @@ A fresh process per measurement keeps one measurement's allocations (the caching
 resident set on the CPU) from inflating or hiding another's. The scripts put their own folder on sys.path
 to import this module (it is not part of the `dat` package), so they run from any working directory.
 """
+import contextlib
 import json
 import os
 import statistics
@@ -68,6 +69,24 @@ def median_seconds(step, device, repeats: int, warmup: int = 1, min_seconds: flo
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def first_output(output):
+    """The output a benchmark's loss is taken of: the first of a tuple (the official DAT models and layers also
+    return their deformed and reference points), else the output itself."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def training_or_inference_step(model, inputs, train, autocast=None):
+    """One forward (and with `train`, backward) pass of `model` on `inputs` as a callable to time, under
+    `autocast` (a context manager; None: none), the loss taken of its `first_output`."""
+    def step():
+        with autocast or contextlib.nullcontext(), torch.set_grad_enabled(train):
+            loss = first_output(model(inputs)).float().mean()
+        if train:
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    return step
 
 
 def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], device, repeats: int,

@@ -17,7 +17,8 @@ import sys
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # benchmark_harness, and dat from this checkout
-from benchmark_harness import Column, Table, import_official_module, interleaved_median_seconds  # noqa: E402
+from benchmark_harness import (Column, Table, first_output, import_official_module,  # noqa: E402
+                               interleaved_median_seconds, training_or_inference_step)
 
 # DAT-B++ stage 1 (the official dat_pp_base config: dims[0], heads[0], groups[0], strides[0], ksizes[0]) and
 # the table its 224-pixel training leaves at stage 1 (56 x 56 queries: 2 * 56 - 1).
@@ -58,28 +59,20 @@ def main():
     official = official_layer(args.official_src)
     layers = {'official': official,
               **{f'ours ({impl})': our_layer(official.state_dict(), impl) for impl in ('auto', 'reference')}}
-    x = torch.randn(args.batch, DIM, *args.size)
+    # the input takes gradients too, as a layer inside a network does
+    x = torch.randn(args.batch, DIM, *args.size).requires_grad_()
     with torch.no_grad():
-        expected = official(x)[0]
+        expected = first_output(official(x))
         for name, layer in layers.items():
-            difference = (layer(x) if name != 'official' else expected) - expected
-            print(f'{name}: max |output - official| = {difference.abs().max().item():.1e}')
-
-    def call(layer, backward):
-        def step():
-            with torch.set_grad_enabled(backward):
-                out = layer(x.requires_grad_(backward))
-                out = out[0] if isinstance(out, tuple) else out
-            if backward:
-                out.sum().backward()
-                layer.zero_grad(set_to_none=True)
-        return step
+            if name != 'official':
+                print(f'{name}: max |output - official| = {(layer(x) - expected).abs().max().item():.1e}')
 
     table = Table([Column('layer', width=16), Column('mode', width=16), Column('input', width=14),
                    Column('ms', '.1f'), Column('vs official', 'x', width=11)])
     for mode in args.modes:
         seconds = interleaved_median_seconds(
-            {name: call(layer, mode == 'forward+backward') for name, layer in layers.items()}, 'cpu', args.repeats)
+            {name: training_or_inference_step(layer, x, mode == 'forward+backward')
+             for name, layer in layers.items()}, 'cpu', args.repeats)
         for name, time in seconds.items():
             table.row({'layer': name, 'mode': mode, 'input': f'{args.batch}x{DIM}x{args.size[0]}x{args.size[1]}',
                        'ms': 1e3 * time, 'vs official': seconds['official'] / time})

@@ -144,5 +144,6 @@ def main():
                     row['fused GB/s'] = fused_io_bytes(case, element, mode == 'forward+backward') / row['fused s'] / 1e9
                 table.row(row, note='; '.join(failures))
 
+
 if __name__ == '__main__':
     main()
