@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dat.layers import DeformableAttention, WindowAttention
+from dat.layers import DeformableAttention, WindowAttention, blocking
 from dat.layers.grids import query_grid, reference_points
 from dat.ops import deformable_attention_reference
 
@@ -53,7 +53,13 @@ def _brute_force_window_attention(module: WindowAttention, x: torch.Tensor) -> t
     ((7, 7), 7, 0), ((14, 14), 7, 4), ((12, 12), 6, 3),  # official sizes: no padding
     ((9, 11), 7, 0), ((9, 11), 7, 4), ((5, 3), 7, 4), ((1, 1), 7, 4), ((13, 8), 4, 2),  # padded
 ])
-def test_window_attention_matches_brute_force(size, window, shift):
+@pytest.mark.parametrize('block_windows', [None, 1, 3])
+def test_window_attention_matches_brute_force(size, window, shift, block_windows, monkeypatch):
+    """`block_windows`: inference runs over blocks of that many windows (dat.layers.blocking); 1 and 3 cut
+    across images, so each block reads its windows' masks by index."""
+    if block_windows is not None:
+        tokens = window * window
+        monkeypatch.setattr(blocking, 'BLOCK_ELEMENTS', block_windows * tokens * max(3 * 16, 2 * tokens))
     torch.manual_seed(1)
     module = WindowAttention(16, 2, window, shift).double()
     with torch.no_grad():
@@ -63,13 +69,14 @@ def test_window_attention_matches_brute_force(size, window, shift):
         torch.testing.assert_close(module(x), _brute_force_window_attention(module, x), atol=1e-10, rtol=0)
 
 
-def test_window_masks_are_cached_per_size_and_follow_dtype():
-    module, scores = WindowAttention(8, 2, 7, 4), torch.empty(0)
-    mask = module.attention_mask(14, 14, scores)
-    assert module.attention_mask(14, 14, scores) is mask
-    assert module.attention_mask(15, 14, scores).shape == (6, 49, 49)  # padded to 21x14
-    assert module.attention_mask(14, 14, scores.bfloat16()).dtype == torch.bfloat16
-    assert WindowAttention(8, 2, 7, 0).attention_mask(14, 14, scores) is None
+def test_window_masks_are_cached_per_size_and_follow_the_logits_dtype():
+    module, windows = WindowAttention(8, 2, 7, 4), torch.empty(0)
+    mask = module.attention_mask(14, 14, windows)
+    assert module.attention_mask(14, 14, windows) is mask
+    assert module.attention_mask(15, 14, windows).shape == (6, 49, 49)  # padded to 21x14
+    assert module.attention_mask(14, 14, windows.bfloat16()).dtype == torch.float32  # fp32 logits (dat.precision)
+    assert module.attention_mask(14, 14, windows.double()).dtype == torch.float64
+    assert WindowAttention(8, 2, 7, 0).attention_mask(14, 14, windows) is None
 
 
 def _bilinear_corners(table: torch.Tensor, y: float, x: float) -> float:

@@ -1,6 +1,7 @@
 """Building blocks of the DAT family, each usable alone, and heads' layers built on the dat ops."""
 from .deform_attn import DeformableAttention
-from .mlp import DwConvMlp
+from .linear import Linear
+from .mlp import DwConvMlp, Mlp
 from .ms_deform_attn import MSDeformAttn, level_pixel_centres
 from .neighborhood_attn import NeighborhoodAttention
 from .stem import ConvStem, Downsample, PatchStem

@@ -14,6 +14,8 @@ from timm.layers import trunc_normal_
 
 from dat.ops import neighborhood_attention
 
+from .linear import Linear
+
 
 class NeighborhoodAttention(nn.Module):
     """Input and output (B, C, H, W)."""
@@ -31,8 +33,8 @@ class NeighborhoodAttention(nn.Module):
         self.dilation = dilation
         self.scale = (dim // num_heads) ** -0.5
         self.attn_impl = attn_impl
-        self.qkv = nn.Linear(dim, 3 * dim, **dd)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.qkv = Linear(dim, 3 * dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
         trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)

@@ -16,6 +16,9 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from dat.precision import full_precision
 from dat.tracing import eager_lru_cache
 
+from .blocking import map_row_blocks
+from .linear import Linear
+
 MASKED = -100.0
 
 
@@ -67,8 +70,8 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.scale = (dim // num_heads) ** -0.5
-        self.proj_qkv = nn.Linear(dim, 3 * dim, **dd)
-        self.proj_out = nn.Linear(dim, dim, **dd)
+        self.proj_qkv = Linear(dim, 3 * dim, **dd)
+        self.proj_out = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
         self.register_buffer('relative_position_index',
@@ -76,9 +79,38 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.01)
 
     @torch.jit.ignore
-    def attention_mask(self, height: int, width: int, scores: torch.Tensor) -> Optional[torch.Tensor]:
-        """The mask for a (height, width) map, in the dtype and on the device of the attention `scores`."""
-        return window_attention_mask(height, width, self.window_size, self.shift_size, scores.dtype, scores.device)
+    def attention_mask(self, height: int, width: int, windows: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask for a (height, width) map, in the dtype of the logits of `windows` and on their device."""
+        return window_attention_mask(height, width, self.window_size, self.shift_size,
+                                     full_precision(windows.dtype), windows.device)
+
+    def _attend(self, windows: torch.Tensor, first_window: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention within each of `windows` (N, tokens, C), the windows from `first_window` on of the batch's
+        windows in order; `mask` has one entry per window of an image."""
+        num_windows, tokens, C = windows.shape
+        qkv = self.proj_qkv(windows).reshape(num_windows, tokens, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # logits, bias, mask and softmax in fp32 for half-precision activations (dat.precision)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).to(full_precision(q.dtype))
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        # in place: the logits are a fresh tensor that no backward needs, and these are the largest tensors here
+        attn += bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            image_windows = mask.shape[0]
+            if first_window % image_windows == 0 and num_windows % image_windows == 0:
+                attn.view(-1, image_windows, self.num_heads, tokens, tokens).add_(mask[None, :, None])
+            else:
+                index = torch.arange(first_window, first_window + num_windows, device=mask.device) % image_windows
+                attn += mask[index][:, None]
+        out = (attn.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(num_windows, tokens, C)
+        return self.proj_drop(self.proj_out(out))
+
+    @torch.jit.unused
+    def _attend_in_blocks(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        tokens, C = windows.shape[1:]
+        # the widest intermediates of a window are its qkv and its logits
+        return map_row_blocks(lambda block, first: self._attend(block, first, mask), windows,
+                              tokens * max(3 * C, self.num_heads * tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -92,19 +124,11 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
 
         windows = window_partition(x, (ws, ws)).flatten(1, 2)
-        num_windows, tokens = windows.shape[0] // B, ws * ws
-        qkv = self.proj_qkv(windows).reshape(-1, tokens, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        # logits, bias, mask and softmax in fp32 for half-precision activations (dat.precision)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).to(full_precision(q.dtype))
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        # in place: the logits are a fresh tensor that no backward needs, and these are the largest tensors here
-        attn += bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
-        mask = self.attention_mask(H, W, attn)
-        if mask is not None:
-            attn.view(B, num_windows, self.num_heads, tokens, tokens).add_(mask[None, :, None])
-        out = (attn.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(-1, tokens, C)
-        out = self.proj_drop(self.proj_out(out))
+        mask = self.attention_mask(H, W, windows)
+        if torch.jit.is_scripting():
+            out = self._attend(windows, 0, mask)
+        else:
+            out = self._attend_in_blocks(windows, mask)
 
         x = window_reverse(out.view(-1, ws, ws, C), (ws, ws), padded_h, padded_w)
         if shift:

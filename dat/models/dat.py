@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, Mlp, calculate_drop_path_rates,
+from timm.layers import (ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, calculate_drop_path_rates,
                          get_device_dtype)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -27,7 +27,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from dat.layers.deform_attn import DeformableAttention
 from dat.layers.grids import GENERATIONS
-from dat.layers.mlp import DwConvMlp
+from dat.layers.mlp import DwConvMlp, Mlp
 from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
 from dat.layers.window_attn import WindowAttention
@@ -41,7 +41,7 @@ BLOCK_TYPES = 'LSDN'
 MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
 
 # timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size
-for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention):
+for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention, Mlp):
     register_notrace_module(_module)
 
 
