@@ -12,8 +12,9 @@ import torch
 
 
 def is_tracing() -> bool:
-    """True inside torch.compile / torch.export tracing and wherever a FakeTensorMode is active."""
-    return (torch.compiler.is_compiling()
+    """True inside torch.compile / torch.export / torch.jit.trace tracing and wherever a FakeTensorMode is
+    active."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 

@@ -42,6 +42,9 @@ def map_row_blocks(layer: Callable[[torch.Tensor, int], torch.Tensor], rows: tor
     block = rows_per_block(width)
     if rows.shape[0] <= block or torch.is_grad_enabled() or is_tracing():
         return layer(rows, 0)
-    count = -(-rows.shape[0] // block)
-    block = -(-rows.shape[0] // count)  # blocks of equal size: no small remainder block
-    return torch.cat([layer(part, first) for part, first in zip(rows.split(block), range(0, rows.shape[0], block))])
+    total = rows.shape[0]
+    count = -(-total // block)
+    # blocks of equal size give or take a row: no small remainder block
+    sizes = [total // count + (index < total % count) for index in range(count)]
+    firsts = [sum(sizes[:index]) for index in range(count)]
+    return torch.cat([layer(part, first) for part, first in zip(rows.split(sizes), firsts)])

@@ -27,6 +27,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from dat.layers.deform_attn import DeformableAttention
 from dat.layers.grids import GENERATIONS
+from dat.layers.linear import Linear
 from dat.layers.mlp import DwConvMlp, Mlp
 from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
@@ -40,8 +41,9 @@ __all__ = ['DeformableAttentionTransformer', 'DatStageCfg', 'MODEL_CONFIGS', 'MI
 BLOCK_TYPES = 'LSDN'
 MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inputs have no last stage
 
-# timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size
-for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention, Mlp):
+# timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size;
+# so are the layers that choose their CPU path at run time (dat.layers.linear, dat.layers.blocking)
+for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention, Mlp, Linear):
     register_notrace_module(_module)
 
 
