@@ -40,7 +40,8 @@ def map_row_blocks(layer: Callable[[torch.Tensor, int], torch.Tensor], rows: tor
     `layer(block, index of its first row)` over blocks of rows whose widest intermediate has `width` elements per
     row; the whole tensor at once where autograd records or a tracer runs."""
     block = rows_per_block(width)
-    if rows.shape[0] <= block or torch.is_grad_enabled() or is_tracing():
+    # autograd and tracers before the test of the size, which a tracer would guard on
+    if torch.is_grad_enabled() or is_tracing() or rows.shape[0] <= block:
         return layer(rows, 0)
     total = rows.shape[0]
     count = -(-total // block)

@@ -19,15 +19,16 @@ import torch.nn.functional as F
 
 from dat.tracing import is_tracing
 
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
+_ONEDNN_LINEAR = (getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
+                  if torch.backends.mkldnn.is_available() else None)
 
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` runs `x` through oneDNN: see the module docstring."""
-    return (_ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
-            and torch._C._get_mkldnn_enabled() and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and not is_tracing())
+    # tracers first: they see F.linear, and never the rest of these checks
+    return (not is_tracing() and _ONEDNN_LINEAR is not None and torch._C._get_mkldnn_enabled()
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu'))
 
 
 def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
