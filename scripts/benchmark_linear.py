@@ -75,7 +75,8 @@ def main():
     print('linear layers: baseline F.linear (MKL), dat oneDNN; grad: the input gradient')
     table = Table([Column('case', width=34), Column('baseline ms', '.2f'), Column('dat ms', '.2f'),
                    Column('speed-up', 'x', ratio=('baseline ms', 'dat ms')), Column('baseline grad ms', '.2f'),
-                   Column('dat grad ms', '.2f'), Column('grad speed-up', 'x', ratio=('baseline grad ms', 'dat grad ms')),
+                   Column('dat grad ms', '.2f'),
+                   Column('grad speed-up', 'x', ratio=('baseline grad ms', 'dat grad ms')),
                    Column('max |diff|', width=10)])
     linear_rows(table, args.repeats)
     print(f'\nMLP inference: baseline the whole batch at once, dat blocks of {blocking.BLOCK_ELEMENTS} hidden elements')

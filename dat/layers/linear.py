@@ -4,9 +4,9 @@ PyTorch computes an fp32 `nn.Linear` on the CPU with MKL's sgemm (`at::addmm`: t
 every row of the output, which the product is then accumulated into). oneDNN, which PyTorch already uses for
 convolutions and half-precision matmuls, JIT-compiles its matmul for the CPU it runs on and adds the bias
 while it writes the output. On the 2-core AMD EPYC (Zen 4, AVX-512) of the benchmarks, DAT-T's linear layers
-at batch 8, 224x224 ran 1.05x to 1.48x faster forward and their input gradients 1.07x to 1.49x faster
-(`scripts/benchmark_linear.py`); the weight gradient, a product of two transposed operands, stays on MKL,
-which was as fast. Both compute in fp32 with fp32 accumulation: no precision is traded.
+at batch 8, 224x224 ran 1.06x to 1.40x faster forward and their input gradients 1.09x to 1.38x faster
+(`scripts/benchmark_linear.py`). The weight gradient, a product of two transposed operands, stays on MKL:
+oneDNN took 0.25x to 1.07x of its speed there. Both compute in fp32 with fp32 accumulation: no precision is traded.
 
 The oneDNN path runs where it applies (an fp32 input on the CPU, oneDNN available and enabled, no autocast,
 eager mode) and `F.linear` everywhere else: other dtypes, devices and autocast, and torch.compile, torch.export
