@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d, get_device_dtype
 
 from dat.checkpoint import OFFICIAL_MARKERS, checkpoint_filter_fn, load_checkpoint_file
-from dat.models.dat import DeformableAttentionTransformer, check_image_batch, position_table_names
+from dat.models.dat import DeformableAttentionTransformer, check_image_batch, position_table_names, to_stage_layout
 from dat.official import model_args_from_official
 
 __all__ = ['DatBackbone', 'build_dat_model']
@@ -182,7 +182,7 @@ class DatBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The features of `out_indices` (NCHW); a stride-s feature of an H x W image is ceil(H/s) x ceil(W/s)."""
         check_image_batch(x, self.in_chans)
-        x = self.stem(x)
+        x = self.stem(to_stage_layout(x))
         features = []
         for index, (stage, norm) in enumerate(zip(self.stages, self.norms)):
             x = stage(x)

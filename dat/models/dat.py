@@ -63,6 +63,18 @@ def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_
             x.shape[2], x.shape[3], min_size, min_size))
 
 
+@register_notrace_function
+def to_stage_layout(x: torch.Tensor) -> torch.Tensor:
+    """The image in the memory layout the stages run on: channels-last on the CPU, where the residual stream then
+    stays channels-last through every block. LayerNorm2d's permutes are views there, residual adds meet operands
+    of one layout, and oneDNN runs its fast channels-last depth-wise convs (DAT++'s local perception units).
+    Training steps of dat_tiny and dat_pp_tiny at batch 8, 224x224 ran 1.16x faster so, inference 1.03x to 1.04x
+    (interleaved with NCHW input). On CUDA, not measured yet, the input's layout is kept."""
+    if x.device.type == 'cpu':
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def position_table_names(model: nn.Module) -> set:
     """Names of the relative-position tables, exempt from weight decay like Swin's: decaying them pulls the
     learned bias towards zero."""
@@ -342,12 +354,13 @@ class DeformableAttentionTransformer(nn.Module):
         last_index = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
 
-        x = self.stem(x)
+        x = self.stem(to_stage_layout(x))
         feat_idx = 0
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_index else x)
+                # NCHW in memory too, whatever layout the stages ran on: callers may view() them
+                intermediates.append((self.norm(x) if norm and feat_idx == last_index else x).contiguous())
         if intermediates_only:
             return intermediates
         if feat_idx == last_index:
@@ -377,7 +390,7 @@ class DeformableAttentionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans)
-        x = self.stem(x)
+        x = self.stem(to_stage_layout(x))
         x = self.stages(x)
         return self.norm(x)
 
