@@ -10,12 +10,14 @@ Throughput is from the median pass of --repeats, after one warm-up pass.
     python scripts/benchmark.py --compile                        # torch.compile(model) beside eager
     python scripts/benchmark.py --models dat_tiny dat_pp_tiny swin_tiny_patch4_window7_224   # any timm model
     python scripts/benchmark.py --baseline official --official-src ~/DAT --models dat_tiny --train
+    python scripts/benchmark.py --baseline swin_tiny_patch4_window7_224 --models dat_tiny dat_pp_tiny
 
 A model that is not dat's (no attention kernels to choose) is measured once, in the `impl` column as '-'.
 `--baseline official` times our models against the official LeapLabTHU/DAT code (DAT v1: DIR/models/dat.py,
 built from DIR/configs/<model>.yaml; it needs `einops`) with the same random weights, loaded into ours through
 `dat.load_official`: both in one process, passes interleaved (the median of --repeats rounds), drop path off in
-both so that every pass runs the same blocks, and the two models' logits compared.
+both so that every pass runs the same blocks, and the two models' logits compared. `--baseline MODEL`, any other
+timm model, times our models against it the same way: both in one process, interleaved, drop path off, fp32.
 
 Detection backbones (the feature pyramid at 800x1333, gradient checkpointing): scripts/benchmark_backbone.py.
 Prints a table with images/s and peak memory per implementation and precision (fp32; bf16 or fp16: under
@@ -84,39 +86,60 @@ def official_and_ours(official_src, model_name):
 def measure_against_official(model_name, official_src, size, batch, train, device, repeats):
     """Runs in the worker: images/s of the official model and of ours, interleaved, and how far their logits are
     apart (they must compute the same function for the comparison to mean anything)."""
-    models = dict(zip(('official', 'ours'), official_and_ours(official_src, model_name)))
+    models = dict(zip(('baseline', 'ours'), official_and_ours(official_src, model_name)))
     images = torch.randn(batch, 3, *size, device=device)
     with torch.no_grad():
         logits = {name: first_output(model.to(device).eval()(images)) for name, model in models.items()}
+    return {'images_per_s': interleaved_images_per_s(models, images, train, device, repeats),
+            'max_logit_difference': (logits['ours'] - logits['baseline']).abs().max().item()}
+
+
+def measure_against_model(model_name, baseline_model, size, batch, train, device, repeats):
+    """Runs in the worker: images/s of our model and of the timm model `baseline_model`, interleaved."""
+    import dat  # noqa: F401  (registers the models with timm)
+    import timm
+    torch.manual_seed(0)
+    models = {key: timm.create_model(name, drop_path_rate=0.0).to(device)
+              for key, name in (('baseline', baseline_model), ('ours', model_name))}
+    images = torch.randn(batch, 3, *size, device=device)
+    return {'images_per_s': interleaved_images_per_s(models, images, train, device, repeats)}
+
+
+def interleaved_images_per_s(models, images, train, device, repeats):
     steps = {name: training_or_inference_step(model.train(train), images, train) for name, model in models.items()}
     seconds = interleaved_median_seconds(steps, device, repeats)
-    return {'images_per_s': {name: batch / time for name, time in seconds.items()},
-            'max_logit_difference': (logits['ours'] - logits['official']).abs().max().item()}
+    return {name: images.shape[0] / time for name, time in seconds.items()}
 
 
-WORKER_TASKS = {'model': measure, 'official': measure_against_official}
+WORKER_TASKS = {'model': measure, 'official': measure_against_official, 'timm': measure_against_model}
 
 
 def run_worker_task(task, **payload):
     return WORKER_TASKS[task](**payload)
 
 
-def compare_with_official(args, mode, shape):
+def compare_with_baseline(args, mode, shape):
+    """Each of our models interleaved in one process with the official code's (`--baseline official`) or with
+    a timm model (`--baseline MODEL`)."""
+    official = args.baseline == 'official'
+    label = 'official' if official else args.baseline
     table = Table([Column('model', width=14), Column('mode', width=7), Column('input', width=11),
-                   Column('code', width=8), Column('img/s', '.2f'), Column('vs official', 'x', width=11),
-                   Column('max |logit diff|', '.1e')])
+                   Column('code', width=max(8, len(label))), Column('img/s', '.2f'),
+                   Column('vs baseline', 'x', width=11)]
+                  + ([Column('max |logit diff|', '.1e')] if official else []))
     for model_name in args.models:
-        result = run_isolated(__file__, dict(
-            task='official', model_name=model_name, official_src=args.official_src, size=args.size,
-            batch=args.batch, train=args.train, device=args.device, repeats=args.repeats))
+        task = (dict(task='official', official_src=args.official_src) if official
+                else dict(task='timm', baseline_model=args.baseline))
+        result = run_isolated(__file__, dict(task, model_name=model_name, size=args.size, batch=args.batch,
+                                             train=args.train, device=args.device, repeats=args.repeats))
         row = {'model': model_name, 'mode': mode, 'input': shape}
         if 'error' in result:
             table.row(row, note=f'failed: {result["error"]}')
             continue
         speeds = result['images_per_s']
-        table.row(dict(row, code='official', **{'img/s': speeds['official']}))
-        table.row(dict(row, code='ours', **{'img/s': speeds['ours'], 'vs official': speeds['ours'] / speeds['official'],
-                                             'max |logit diff|': result['max_logit_difference']}))
+        table.row(dict(row, code=label, **{'img/s': speeds['baseline']}))
+        table.row(dict(row, code='ours', **{'img/s': speeds['ours'], 'vs baseline': speeds['ours'] / speeds['baseline'],
+                                             'max |logit diff|': result.get('max_logit_difference')}))
 
 
 def compare_implementations(args, mode, shape):
@@ -171,20 +194,26 @@ def main():
                         help='fp32, and autocast to bf16 or fp16 (default: fp32 bf16)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--compile', action='store_true', help='also time torch.compile(model, fullgraph=True)')
-    parser.add_argument('--baseline', choices=['reference', 'official'], default='reference',
+    parser.add_argument('--baseline', default='reference',
                         help='reference: the fused ops against the pure-PyTorch reference (default); official: our '
-                             'models against the official DAT code in --official-src, fp32')
+                             'models against the official DAT code in --official-src, fp32; any other timm model '
+                             'name: our models against that model, fp32')
     parser.add_argument('--official-src', help='a checkout of the official LeapLabTHU/DAT code (DAT v1)')
     args = parser.parse_args()
     if args.baseline == 'official' and not args.official_src:
         parser.error('--baseline official needs --official-src DIR')
+    if args.baseline not in ('reference', 'official'):
+        import dat  # noqa: F401  (registers the models with timm)
+        import timm
+        if not timm.is_model(args.baseline):
+            parser.error(f'--baseline {args.baseline!r}: not reference, official or a timm model name')
 
     mode = 'fwd+bwd' if args.train else 'fwd'
     shape = f'{args.batch}x{args.size[0]}x{args.size[1]}'
-    if args.baseline == 'official':
-        compare_with_official(args, mode, shape)
-    else:
+    if args.baseline == 'reference':
         compare_implementations(args, mode, shape)
+    else:
+        compare_with_baseline(args, mode, shape)
 
 
 if __name__ == '__main__':
