@@ -8,19 +8,23 @@ at batch 8, 224x224 ran 1.06x to 1.40x faster forward and their input gradients 
 (`scripts/benchmark_linear.py`). The weight gradient, a product of two transposed operands, stays on MKL:
 oneDNN took 0.25x to 1.07x of its speed there. Both compute in fp32 with fp32 accumulation: no precision is traded.
 
-The oneDNN path runs where it applies (an fp32 input on the CPU, oneDNN available and enabled, no autocast,
-eager mode) and `F.linear` everywhere else: other dtypes, devices and autocast, and torch.compile, torch.export
-and ONNX traces, which keep the standard op for their own lowering. Double backward runs through
+The oneDNN path runs where it applies (an fp32 input on an x86 CPU, oneDNN available and enabled, no
+autocast, eager mode) and `F.linear` everywhere else: other dtypes, devices and autocast, and torch.compile,
+torch.export and ONNX traces, which keep the standard op for their own lowering. Double backward runs through
 differentiable ops.
 """
+import platform
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dat.tracing import is_tracing
 
+# x86 only: where it was measured (ARM builds run oneDNN on other backends, unmeasured here)
 _ONEDNN_LINEAR = (getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None)
-                  if torch.backends.mkldnn.is_available() else None)
+                  if torch.backends.mkldnn.is_available() and platform.machine().lower() in ('x86_64', 'amd64')
+                  else None)
 
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
