@@ -6,7 +6,8 @@ convolutions and half-precision matmuls, JIT-compiles its matmul for the CPU it 
 while it writes the output. On the 2-core AMD EPYC (Zen 4, AVX-512) of the benchmarks, DAT-T's linear layers
 at batch 8, 224x224 ran 1.06x to 1.40x faster forward and their input gradients 1.09x to 1.38x faster
 (`scripts/benchmark_linear.py`). The weight gradient, a product of two transposed operands, stays on MKL:
-oneDNN took 0.25x to 1.07x of its speed there. Both compute in fp32 with fp32 accumulation: no precision is traded.
+oneDNN took 0.25x to 1.07x of its speed there. Both compute in fp32 with fp32 accumulation: no precision is
+traded.
 
 The oneDNN path runs where it applies (an fp32 input on an x86 CPU, oneDNN available and enabled, no
 autocast, eager mode) and `F.linear` everywhere else: other dtypes, devices and autocast, and torch.compile,
@@ -86,4 +87,3 @@ class Linear(nn.Linear):
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
