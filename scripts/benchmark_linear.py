@@ -62,7 +62,7 @@ def mlp_rows(table: Table, repeats: int) -> None:
                                                'cpu', repeats)
         finally:
             blocking.BLOCK_ELEMENTS = default
-        blocks = -(-tokens // blocking.rows_per_block(4 * dim))
+        blocks = len(blocking.row_block_sizes(tokens, 4 * dim))
         table.row({'case': f'{stage} MLP {tokens}x{dim}, {blocks} blocks',
                    'baseline ms': times['whole'] * 1e3, 'dat ms': times['blocked'] * 1e3})
 

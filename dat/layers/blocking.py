@@ -15,7 +15,7 @@ gradients cost more than the blocks save (dat_tiny's training step measured 0.90
 (torch.compile, torch.export, ONNX) see the unblocked layer: compilers fuse and tile on their own, and a loop
 over a batch-dependent number of blocks would fix the batch size of an exported graph.
 """
-from typing import Callable
+from typing import Callable, List
 
 import torch
 
@@ -29,23 +29,24 @@ from dat.tracing import is_tracing
 BLOCK_ELEMENTS = 1 << 20
 
 
-def rows_per_block(width: int) -> int:
-    """Rows of a block whose widest intermediate has `width` elements per row."""
-    return max(1, BLOCK_ELEMENTS // width)
+def row_block_sizes(rows: int, width: int) -> List[int]:
+    """The sizes of the blocks `rows` rows are run in when their widest intermediate has `width` elements per row:
+    as few blocks of at most `BLOCK_ELEMENTS` elements (one row at least) as hold them, of equal size give or take
+    a row (no small remainder block)."""
+    count = -(-rows // max(1, BLOCK_ELEMENTS // width))
+    return [rows // count + (index < rows % count) for index in range(count)]
 
 
 def map_row_blocks(layer: Callable[[torch.Tensor, int], torch.Tensor], rows: torch.Tensor, width: int
                    ) -> torch.Tensor:
     """`layer(rows, 0)` for a layer that treats the rows of dim 0 independently, as the concatenation of
-    `layer(block, index of its first row)` over blocks of rows whose widest intermediate has `width` elements per
-    row; the whole tensor at once where autograd records or a tracer runs."""
-    block = rows_per_block(width)
-    # autograd and tracers before the test of the size, which a tracer would guard on
-    if torch.is_grad_enabled() or is_tracing() or rows.shape[0] <= block:
+    `layer(block, index of its first row)` over the blocks of `row_block_sizes`; the whole tensor at once where
+    autograd records or a tracer runs."""
+    # autograd and tracers before the sizes, which a tracer would guard on
+    if torch.is_grad_enabled() or is_tracing():
         return layer(rows, 0)
-    total = rows.shape[0]
-    count = -(-total // block)
-    # blocks of equal size give or take a row: no small remainder block
-    sizes = [total // count + (index < total % count) for index in range(count)]
-    firsts = [sum(sizes[:index]) for index in range(count)]
+    sizes = row_block_sizes(rows.shape[0], width)
+    if len(sizes) <= 1:  # one block, or no rows
+        return layer(rows, 0)
+    firsts = [sum(sizes[:index]) for index in range(len(sizes))]
     return torch.cat([layer(part, first) for part, first in zip(rows.split(sizes), firsts)])

@@ -84,17 +84,23 @@ class WindowAttention(nn.Module):
         return window_attention_mask(height, width, self.window_size, self.shift_size,
                                      full_precision(windows.dtype), windows.device)
 
-    def _attend(self, windows: torch.Tensor, first_window: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def relative_position_bias(self) -> torch.Tensor:
+        """(1, heads, tokens, tokens): the bias of every query-key pair of a window, from the table."""
+        tokens = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def _attend(self, windows: torch.Tensor, first_window: int, bias: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention within each of `windows` (N, tokens, C), the windows from `first_window` on of the batch's
-        windows in order; `mask` has one entry per window of an image."""
+        windows in order; `bias` is `relative_position_bias()`, `mask` has one entry per window of an image."""
         num_windows, tokens, C = windows.shape
         qkv = self.proj_qkv(windows).reshape(num_windows, tokens, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         # logits, bias, mask and softmax in fp32 for half-precision activations (dat.precision)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).to(full_precision(q.dtype))
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         # in place: the logits are a fresh tensor that no backward needs, and these are the largest tensors here
-        attn += bias.view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        attn += bias
         if mask is not None:
             image_windows = mask.shape[0]
             if first_window % image_windows == 0 and num_windows % image_windows == 0:
@@ -106,10 +112,11 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj_out(out))
 
     @torch.jit.unused
-    def _attend_in_blocks(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend_in_blocks(self, windows: torch.Tensor, bias: torch.Tensor,
+                          mask: Optional[torch.Tensor]) -> torch.Tensor:
         tokens, C = windows.shape[1:]
         # the widest intermediates of a window are its qkv and its logits
-        return map_row_blocks(lambda block, first: self._attend(block, first, mask), windows,
+        return map_row_blocks(lambda block, first: self._attend(block, first, bias, mask), windows,
                               tokens * max(3 * C, self.num_heads * tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,11 +131,11 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
 
         windows = window_partition(x, (ws, ws)).flatten(1, 2)
-        mask = self.attention_mask(H, W, windows)
+        bias, mask = self.relative_position_bias(), self.attention_mask(H, W, windows)
         if torch.jit.is_scripting():
-            out = self._attend(windows, 0, mask)
+            out = self._attend(windows, 0, bias, mask)
         else:
-            out = self._attend_in_blocks(windows, mask)
+            out = self._attend_in_blocks(windows, bias, mask)
 
         x = window_reverse(out.view(-1, ws, ws, C), (ws, ws), padded_h, padded_w)
         if shift:
