@@ -28,7 +28,7 @@ from timm.models._manipulate import checkpoint_seq
 from dat.layers.deform_attn import DeformableAttention
 from dat.layers.grids import GENERATIONS
 from dat.layers.linear import Linear
-from dat.layers.mlp import DwConvMlp, Mlp
+from dat.layers.mlp import DwConvMlp, Mlp, ResidualDepthwiseConv
 from dat.layers.neighborhood_attn import NeighborhoodAttention
 from dat.layers.stem import ConvStem, Downsample, PatchStem
 from dat.layers.window_attn import WindowAttention
@@ -43,7 +43,7 @@ MIN_INPUT_SIZE = 32  # stride-32 features of a 32x32 image are 1x1; smaller inpu
 
 # timm's fx feature extraction treats the attention layers as leaves: their shapes depend on the input size;
 # so are the layers that choose their CPU path at run time (dat.layers.linear, dat.layers.blocking)
-for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention, Mlp, Linear):
+for _module in (WindowAttention, DeformableAttention, NeighborhoodAttention, Mlp, DwConvMlp, Linear):
     register_notrace_module(_module)
 
 
@@ -146,13 +146,13 @@ def build_attention(block_type: str, cfg: DatStageCfg, device=None, dtype=None) 
 
 
 class DatBlock(nn.Module):
-    """Pre-norm transformer block: [x + lpu(x)] -> x + attn(norm(x)) -> x + mlp(norm(x))."""
+    """Pre-norm transformer block: [lpu(x) = x + dwconv(x)] -> x + attn(norm(x)) -> x + mlp(norm(x))."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, dwconv_mlp: bool, local_perception: bool,
                  layer_scale_init: Optional[float], drop_path: float, proj_drop: float, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.lpu = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd) if local_perception else None
+        self.lpu = ResidualDepthwiseConv(dim, **dd) if local_perception else None
         self.norm1 = LayerNorm2d(dim, eps=1e-5, **dd)
         self.attn = attn
         self.ls1 = LayerScale2d(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
@@ -167,7 +167,7 @@ class DatBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = self.lpu(x)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         y = self.norm2(x)
         if self.mlp_channels_last:
