@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dat.layers import DeformableAttention, WindowAttention, blocking
+from dat.layers.mlp import DwConvMlp, ResidualDepthwiseConv
 from dat.layers.grids import query_grid, reference_points
 from dat.ops import deformable_attention_reference
 
@@ -150,3 +152,39 @@ def test_grids_follow_each_generation_and_centre_single_pixels():
     for generation in ('dat', 'dat_pp'):
         assert torch.equal(reference_points(1, 1, generation, dtype, cpu), torch.zeros(1, 1, 2, dtype=dtype))
         assert torch.equal(query_grid(1, 1, generation, dtype, cpu), torch.zeros(1, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_residual_depthwise_conv_is_x_plus_the_conv(memory_format):
+    """The identity folded into the kernel's centre tap gives x + conv(x), and the gradients of that two-step
+    form, with nn.Conv2d's parameters and state dict."""
+    torch.manual_seed(0)
+    conv = ResidualDepthwiseConv(6).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    two_step = x + F.conv2d(x, conv.weight, conv.bias, padding=1, groups=6)
+    folded = conv(x)
+    torch.testing.assert_close(folded, two_step, atol=1e-12, rtol=0)
+    grad = torch.randn_like(folded)
+    expected = torch.autograd.grad(two_step, (x, conv.weight, conv.bias), grad)
+    for got, want in zip(torch.autograd.grad(folded, (x, conv.weight, conv.bias), grad), expected):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert conv.state_dict().keys() == torch.nn.Conv2d(6, 6, 3, padding=1, groups=6).state_dict().keys()
+    assert conv.half().identity.dtype == torch.float16
+
+
+@pytest.mark.parametrize('images', [1, 2, 5])
+def test_dwconv_mlp_over_image_blocks_matches_the_whole_batch(images, monkeypatch):
+    """Inference runs over blocks of at most `images` images, of equal size give or take one; a forward that
+    records gradients, and TorchScript, run the whole batch; all give the same maps."""
+    torch.manual_seed(0)
+    mlp, x = DwConvMlp(4, 16).double(), torch.randn(5, 4, 6, 7, dtype=torch.float64)
+    whole = mlp(x).detach()
+    torch.testing.assert_close(torch.jit.script(mlp)(x), whole, atol=1e-12, rtol=0)
+    monkeypatch.setattr(blocking, 'BLOCK_ELEMENTS', images * 16 * 6 * 7)
+    seen = []
+    original = mlp._mlp
+    monkeypatch.setattr(mlp, '_mlp', lambda block: seen.append(block.shape[0]) or original(block))
+    with torch.no_grad():
+        blocked = mlp(x)
+    torch.testing.assert_close(blocked, whole, atol=1e-12, rtol=0)
+    assert sum(seen) == 5 and max(seen) <= images and max(seen) - min(seen) <= 1
