@@ -26,20 +26,51 @@ inline typename Vectors<acc_t>::type load_vector(const scalar_t* values) {
   return vector;
 }
 
+// {sum of v[0]'s lanes, ..., sum of v[3]'s lanes}: for eight lanes, two rounds of pairwise adds within 128-bit
+// halves and one across them, instead of four chains of seven adds.
+template <typename acc_t>
+inline void lane_sums(const typename Vectors<acc_t>::type (&v)[4], acc_t* sums) {
+  if constexpr (Vectors<acc_t>::lanes == 8) {
+    const auto pairs = [](auto a, auto b) {
+      return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    };
+    // [sums of lanes 0-3 of v0, v1, v2, v3, then of lanes 4-7 of each]
+    const auto quarters = pairs(pairs(v[0], v[1]), pairs(v[2], v[3]));
+    for (int64_t j = 0; j < 4; ++j) sums[j] = quarters[j] + quarters[j + 4];
+  } else {
+    for (int64_t j = 0; j < 4; ++j) {
+      sums[j] = 0;
+      for (int64_t l = 0; l < Vectors<acc_t>::lanes; ++l) sums[j] += v[j][l];
+    }
+  }
+}
+
+// dots[t] = <a, rows + keys[t] * channels> over the channels, for t < count: four keys at a time, a's vectors
+// loaded once per four keys and their four sums reduced together.
 template <typename acc_t, typename scalar_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+inline void window_dots(const scalar_t* a, const scalar_t* rows, const int64_t* keys, int64_t count,
+                        int64_t channels, acc_t* dots) {
   using V = typename Vectors<acc_t>::type;
   constexpr int64_t L = Vectors<acc_t>::lanes;
-  V part[4] = {};
-  int64_t i = 0;
-  for (; i + Vectors<acc_t>::chunk <= n; i += Vectors<acc_t>::chunk) {
-    for (int64_t j = 0; j < 4; ++j) part[j] += load_vector<acc_t>(a + i + j * L) * load_vector<acc_t>(b + i + j * L);
+  const int64_t vectorized = channels / L * L;
+  for (int64_t first = 0; first < count; first += 4) {
+    const scalar_t* key_rows[4];
+    for (int64_t j = 0; j < 4; ++j) key_rows[j] = rows + keys[std::min(first + j, count - 1)] * channels;
+    V part[4] = {};
+    for (int64_t c = 0; c < vectorized; c += L) {
+      const V a_c = load_vector<acc_t>(a + c);
+      for (int64_t j = 0; j < 4; ++j) part[j] += a_c * load_vector<acc_t>(key_rows[j] + c);
+    }
+    acc_t sums[4];
+    lane_sums<acc_t>(part, sums);
+    for (int64_t j = 0; j < 4 && first + j < count; ++j) {
+      for (int64_t c = vectorized; c < channels; ++c) {
+        sums[j] += static_cast<acc_t>(a[c]) * static_cast<acc_t>(key_rows[j][c]);
+      }
+      dots[first + j] = sums[j];
+    }
   }
-  const V total = (part[0] + part[1]) + (part[2] + part[3]);
-  acc_t sum = 0;
-  for (int64_t l = 0; l < L; ++l) sum += total[l];
-  for (; i < n; ++i) sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return sum;
 }
 
 // destination[c] = factor * sum over n < count of weight(n) * row(n)[c], for c < channels, a chunk of channels at a
@@ -141,13 +172,12 @@ void forward_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const
       const scalar_t* bias = bias_rows + bias_offset(x, columns_table.start[x], K, g.dilation);
       const scalar_t* q_i = q + query * D;
       acc_t* probabilities = attn + query * g.window();
+      window_dots(q_i, k, keys.data(), g.window(), D, probabilities);
       acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
       for (int64_t ty = 0; ty < K; ++ty) {
         for (int64_t tx = 0; tx < K; ++tx) {
-          const int64_t t = ty * K + tx;
-          const acc_t logit =
-              dot<acc_t>(q_i, k + keys[t] * D, D) * scale + static_cast<acc_t>(bias[ty * g.table_side() + tx]);
-          probabilities[t] = logit;
+          acc_t& logit = probabilities[ty * K + tx];
+          logit = logit * scale + static_cast<acc_t>(bias[ty * g.table_side() + tx]);
           max_logit = std::max(max_logit, logit);
         }
       }
@@ -176,11 +206,9 @@ void query_side_backward_rows(const scalar_t* grad_out, const scalar_t* k, const
       window_keys(g, rows_table, columns_table, plane, y, x, keys.data());
       const acc_t* probabilities = attn + query * g.window();
       acc_t* dS = grad_logits + query * g.window();
+      window_dots(grad_out + query * D, v, keys.data(), g.window(), D, dS);
       acc_t expected = 0;
-      for (int64_t t = 0; t < g.window(); ++t) {
-        dS[t] = dot<acc_t>(grad_out + query * D, v + keys[t] * D, D);
-        expected += probabilities[t] * dS[t];
-      }
+      for (int64_t t = 0; t < g.window(); ++t) expected += probabilities[t] * dS[t];
       for (int64_t t = 0; t < g.window(); ++t) dS[t] = probabilities[t] * (dS[t] - expected);
       weighted_sum(g.window(), [&](int64_t t) { return dS[t]; }, [&](int64_t t) { return k + keys[t] * D; }, D, scale,
                    grad_q + query * D);
