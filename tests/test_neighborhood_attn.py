@@ -121,6 +121,20 @@ def test_fused_matches_reference_at_dat_sizes(dilation):
 
 
 @needs_fused_cpu
+@pytest.mark.parametrize('head_dim, dtype, tolerance', [(37, torch.float64, 1e-12), (40, torch.float32, 1e-5)])
+@pytest.mark.parametrize('dilation', [1, 2])
+def test_fused_matches_reference_over_whole_and_partial_vectors(head_dim, dtype, tolerance, dilation):
+    """Head dims that fill the CPU kernels' vectors and chunks of channels and leave a remainder (fp64: 4 lanes,
+    chunks of 16; fp32: 8 lanes, chunks of 32), forward and backward."""
+    inputs = make_inputs(2, 3, 10, 11, head_dim, 5, dtype=dtype)
+    fused = _forward_backward('fused', inputs, 5, dilation)
+    reference = _forward_backward('reference', inputs, 5, dilation)
+    for name, a, b in zip(['out', 'grad_q', 'grad_k', 'grad_v', 'grad_rpb'], fused, reference):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item(),
+                                   msg=lambda m: f'{name}: {m}')
+
+
+@needs_fused_cpu
 def test_fused_accepts_non_contiguous_inputs():
     q, k, v, rpb = make_inputs(2, 3, 9, 10, 4, 3)
     q, k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))

@@ -28,8 +28,10 @@ inline typename Vectors<acc_t>::type load_vector(const scalar_t* values) {
 
 // {sum of v[0]'s lanes, ..., sum of v[3]'s lanes}: for eight lanes, two rounds of pairwise adds within 128-bit
 // halves and one across them, instead of four chains of seven adds.
+// (__builtin_shufflevector: Clang, and GCC from 12 on; older GCC sums lane by lane.)
 template <typename acc_t>
 inline void lane_sums(const typename Vectors<acc_t>::type (&v)[4], acc_t* sums) {
+#if defined(__clang__) || __GNUC__ >= 12
   if constexpr (Vectors<acc_t>::lanes == 8) {
     const auto pairs = [](auto a, auto b) {
       return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
@@ -38,11 +40,12 @@ inline void lane_sums(const typename Vectors<acc_t>::type (&v)[4], acc_t* sums) 
     // [sums of lanes 0-3 of v0, v1, v2, v3, then of lanes 4-7 of each]
     const auto quarters = pairs(pairs(v[0], v[1]), pairs(v[2], v[3]));
     for (int64_t j = 0; j < 4; ++j) sums[j] = quarters[j] + quarters[j + 4];
-  } else {
-    for (int64_t j = 0; j < 4; ++j) {
-      sums[j] = 0;
-      for (int64_t l = 0; l < Vectors<acc_t>::lanes; ++l) sums[j] += v[j][l];
-    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < 4; ++j) {
+    sums[j] = 0;
+    for (int64_t l = 0; l < Vectors<acc_t>::lanes; ++l) sums[j] += v[j][l];
   }
 }
 
