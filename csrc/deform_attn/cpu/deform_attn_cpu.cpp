@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_exp.h"
 #include "common/cpu_isa.h"
 #include "common/kernel_limits.h"
 #include "common/library.h"

@@ -3,7 +3,7 @@
 
 // The inner loops hold their sums in 32-byte vectors (GCC's vector extensions: AVX registers in the AVX2 clone,
 // pairs of SSE registers in the baseline one), so that they stay in registers across a window, and the softmax
-// takes its exponentials eight at a time. The kernels before sent each query's output through memory once per
+// takes its exponentials a vector at a time (common/cpu_exp.h). The kernels before sent each query's output through memory once per
 // key of its window and called expf once per key: at DAT++-T's stage sizes (batch 8, 224x224, 2 threads) these
 // run the forward 1.3x to 2x as fast and forward+backward 1.2x to 1.5x, and dat_pp_tiny's inference went from
 // 0.94x to 1.09x Swin-T's (scripts/benchmark.py --baseline swin_tiny_patch4_window7_224).
@@ -102,45 +102,13 @@ inline void weighted_sum(int64_t count, const Weight& weight, const Row& row, in
   }
 }
 
-// exp of eight floats: 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor series to r^7
-// (relative error under 2e-7, about two float roundings). Inputs below -87 give exp(-87); NaN gives NaN.
-inline Vectors<float>::type exp_vector(Vectors<float>::type x) {
-  using V = Vectors<float>::type;
-  typedef int32_t Integers __attribute__((vector_size(32)));
-  x = x < -87.0f ? V{} - 87.0f : x;
-  const V rounded = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest, |x / ln 2| < 2^22
-  const V r = (x - rounded * 0.693145751953125f) - rounded * 1.428606765330187e-06f;  // ln 2 in two parts
-  V series = V{} + 1.0f / 5040.0f;
-  series = series * r + 1.0f / 720.0f;
-  series = series * r + 1.0f / 120.0f;
-  series = series * r + 1.0f / 24.0f;
-  series = series * r + 1.0f / 6.0f;
-  series = series * r + 0.5f;
-  series = series * r + 1.0f;
-  series = series * r + 1.0f;
-  const Integers exponent = (__builtin_convertvector(rounded, Integers) + 127) << 23;
-  V power;
-  __builtin_memcpy(&power, &exponent, sizeof(power));
-  return series * power;
-}
-
-// values[t] = exp(values[t] - shift) for t < count; returns their sum.
+// values[t] = exp(values[t] - shift) for t < count (common/cpu_exp.h); returns their sum.
 template <typename acc_t>
 inline acc_t exp_shifted(acc_t* values, int64_t count, acc_t shift) {
   acc_t total = 0;
-  int64_t t = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using V = Vectors<float>::type;
-    V sum{};
-    for (; t + Vectors<float>::lanes <= count; t += Vectors<float>::lanes) {
-      const V e = exp_vector(load_vector<float>(values + t) - shift);
-      __builtin_memcpy(values + t, &e, sizeof(e));
-      sum += e;
-    }
-    for (int64_t l = 0; l < Vectors<float>::lanes; ++l) total += sum[l];
-  }
-  for (; t < count; ++t) {
-    values[t] = std::exp(values[t] - shift);
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < count; ++t) {
+    values[t] = exp_vectorisable(values[t] - shift);
     total += values[t];
   }
   return total;
