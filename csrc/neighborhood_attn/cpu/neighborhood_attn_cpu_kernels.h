@@ -116,12 +116,12 @@ inline acc_t exp_shifted(acc_t* values, int64_t count, acc_t shift) {
 
 // Indices (plane * H + key row) * W + key column of the keys of query (y, x)'s window, slot by slot.
 inline void window_keys(const Problem& g, const AxisTable& rows_table, const AxisTable& columns_table, int64_t plane,
-                        int64_t y, int64_t x, int64_t* keys) {
-  const int64_t y0 = rows_table.start[y], x0 = columns_table.start[x];
-  for (int64_t ty = 0; ty < g.kernel_size; ++ty) {
-    for (int64_t tx = 0; tx < g.kernel_size; ++tx) {
-      keys[ty * g.kernel_size + tx] = (plane * g.height + y0 + ty * g.dilation) * g.width + x0 + tx * g.dilation;
-    }
+                        int64_t y, int64_t x, int64_t* __restrict__ keys) {
+  const int64_t K = g.kernel_size, dilation = g.dilation;
+  const int64_t first_row = plane * g.height + rows_table.start[y], first_column = columns_table.start[x];
+  for (int64_t ty = 0; ty < K; ++ty) {
+    const int64_t row_start = (first_row + ty * dilation) * g.width + first_column;
+    for (int64_t tx = 0; tx < K; ++tx) keys[ty * K + tx] = row_start + tx * dilation;
   }
 }
 
