@@ -1,6 +1,6 @@
 // CPU kernels of dat::neighborhood_attn: one fused pass per query row for the forward, a query-side
 // and a key-side pass for the backward (each output element is written by exactly one task, so the
-// results do not depend on the thread count), and one task per bias-table entry for its gradient.
+// results do not depend on the thread count), and one task per plane for the bias gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,35 +49,38 @@ struct AxisTable {
 #define DAT_CPU_KERNELS "neighborhood_attn/cpu/neighborhood_attn_cpu_kernels.h"
 #include "common/cpu_kernels_for_each_isa.h"
 
-// grad_rpb[m, oy + K - 1, ox + K - 1] sums the logit gradients of every (query, key) pair of head m
-// that is (oy, ox) group positions apart.
+// grad_rpb[m] sums the logit gradients of head m into the bias-table entries their (query, key) pairs read: each
+// plane (batch, head) sums its own table, walking its window slots in the order the forward reads the bias, and
+// the planes of a head are added in batch order, so that the result does not depend on the thread count.
 template <typename scalar_t>
-void bias_backward(const at::opmath_type<scalar_t>* grad_logits, scalar_t* grad_rpb, int64_t batch, const Problem& g) {
+void bias_backward(const at::opmath_type<scalar_t>* grad_logits, scalar_t* grad_rpb, int64_t batch, const Problem& g,
+                   const AxisTable& rows_table, const AxisTable& columns_table) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = g.kernel_size, H = g.height, W = g.width, side = g.table_side();
-  std::vector<int64_t> row_slots(side * H), column_slots(side * W);
-  for (int64_t offset = 0; offset < side; ++offset) {
-    for (int64_t y = 0; y < H; ++y) row_slots[offset * H + y] = window_slot(y, offset - K + 1, H, K, g.dilation);
-    for (int64_t x = 0; x < W; ++x) column_slots[offset * W + x] = window_slot(x, offset - K + 1, W, K, g.dilation);
-  }
-  at::parallel_for(0, g.heads * side * side, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t entry = begin; entry < end; ++entry) {
-      const int64_t head = entry / (side * side), oy = (entry / side) % side, ox = entry % side;
-      acc_t total = 0;
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t y = 0; y < H; ++y) {
-          const int64_t ty = row_slots[oy * H + y];
-          if (ty < 0) continue;
-          const acc_t* row = grad_logits + ((b * g.heads + head) * H + y) * W * g.window() + ty * K;
-          for (int64_t x = 0; x < W; ++x) {
-            const int64_t tx = column_slots[ox * W + x];
-            if (tx >= 0) total += row[x * g.window() + tx];
+  const int64_t K = g.kernel_size, H = g.height, W = g.width, side = g.table_side(), entries = side * side;
+  std::vector<acc_t> plane_tables(batch * g.heads * entries, acc_t(0));
+  at::parallel_for(0, batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      acc_t* table = plane_tables.data() + plane * entries;
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t bias_row = bias_offset(y, rows_table.start[y], K, g.dilation);
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t* dS = grad_logits + ((plane * H + y) * W + x) * g.window();
+          acc_t* bias = table + bias_row * side + bias_offset(x, columns_table.start[x], K, g.dilation);
+          for (int64_t ty = 0; ty < K; ++ty) {
+#pragma omp simd
+            for (int64_t tx = 0; tx < K; ++tx) bias[ty * side + tx] += dS[ty * K + tx];
           }
         }
       }
-      grad_rpb[entry] = static_cast<scalar_t>(total);
     }
   });
+  for (int64_t head = 0; head < g.heads; ++head) {
+    for (int64_t entry = 0; entry < entries; ++entry) {
+      acc_t total = 0;
+      for (int64_t b = 0; b < batch; ++b) total += plane_tables[(b * g.heads + head) * entries + entry];
+      grad_rpb[head * entries + entry] = static_cast<scalar_t>(total);
+    }
+  }
 }
 
 // The limits of these kernels (common/kernel_limits.h): the dtypes they are built for.
@@ -131,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neighborhood_attn_bac
                        t.grad_v.data_ptr<scalar_t>(), g, rows_table, columns_table, static_cast<acc_t>(scale), begin,
                        end);
     });
-    bias_backward<scalar_t>(t.grad_logits.data_ptr<acc_t>(), t.grad_rpb.data_ptr<scalar_t>(), q.size(0), g);
+    bias_backward<scalar_t>(t.grad_logits.data_ptr<acc_t>(), t.grad_rpb.data_ptr<scalar_t>(), q.size(0), g, rows_table,
+                           columns_table);
   });
   return {t.grad_q, t.grad_k, t.grad_v, t.grad_rpb};
 }
