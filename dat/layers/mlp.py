@@ -9,7 +9,17 @@ from .blocking import map_row_blocks
 from .linear import Linear
 
 
-class Mlp(nn.Module):
+class _BlockedMlp(nn.Module):
+    """An MLP that eager mode runs over blocks (`_forward_in_blocks`, over `dat.layers.blocking`) and TorchScript,
+    which cannot script the blocking, runs whole (`_mlp`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._mlp(x)
+        return self._forward_in_blocks(x)
+
+
+class Mlp(_BlockedMlp):
     """Linear -> GELU -> Linear on the last dimension (timm's `Mlp` parameters and state dict), run over blocks
     of rows in eager mode (`dat.layers.blocking`)."""
 
@@ -21,11 +31,6 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = Linear(hidden_dim, dim, **dd)
         self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._mlp(x)
-        return self._forward_in_blocks(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -56,7 +61,7 @@ class ResidualDepthwiseConv(nn.Conv2d):
         return self._conv_forward(x, self.weight + identity, self.bias)
 
 
-class DwConvMlp(nn.Module):
+class DwConvMlp(_BlockedMlp):
     """1x1 conv -> (+ depth-wise 3x3 conv of itself) -> GELU -> 1x1 conv, the DAT++ feed-forward, run over blocks
     of images in eager inference (`dat.layers.blocking`; the depth-wise conv mixes pixels, not images)."""
 
@@ -69,11 +74,6 @@ class DwConvMlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1, **dd)
         self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._mlp(x)
-        return self._forward_in_blocks(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.act(self.dwconv(self.drop1(self.fc1(x))))))
